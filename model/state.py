@@ -1,0 +1,201 @@
+"""The observable state: the one shape both the reference model and a guest snapshot produce,
+so the same axiom predicates and invariants run on either (spec §1, §3.9).
+
+Immutable by convention (frozen dataclasses, Mappings never mutated after construction).
+A State produced from another (by the model's `apply` or by a snapshot taken after an op)
+records `parent` and the set of slot indices whose `Slot` object differs (`changed`), so the
+"for every slot" clauses cost work proportional to what an op touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from model.types import (
+    META_SLOT_SIZE,
+    NR_ENTRIES,
+    PAGE_SIZE,
+    REF_COUNT_UNUSED,
+    TOP_LEVEL_USER_ENTRIES,
+    Usage,
+    frame_to_index,
+    index_to_meta,
+    page_size,
+    pte_is_last,
+    pte_is_present,
+    pte_paddr,
+)
+
+# A TreePath is the root-relative list of entry indices, top level first: a level-1 leaf is
+# (i4, i3, i2, i1); the level-3 node under root entry i4 is (i4,); a root is ().
+TreePath = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """PageTablePageMeta (§4.5). Exec-only: not part of the ghost slot owner."""
+
+    level: int
+    nr_children: int
+    stray: bool
+    lock: int = 0
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One metadata slot. Ghost fields (compared by FULL(i)): rc, usage, inl, vt, sto, paths.
+
+    - `vt`: the vtable/type word at offset 48, None when uninit (rc == UNUSED, M1).
+    - `sto`: the immutable part of storage (storage tag, PT level), None when uninit.
+    - `paths`: the spec's `paths_in_pt`, a set of root-relative tree paths over every live
+      user page table; `refs`: the raw number of PTEs (over all VmSpaces) behind it.
+    - `node`: PT-node meta (nr_children, stray, lock) when the slot holds a PT node; exec
+      only, so excluded from FULL.
+    """
+
+    rc: int = REF_COUNT_UNUSED
+    usage: Usage = Usage.UNUSED
+    inl: int = 0
+    vt: int | None = None
+    sto: tuple[int, int] | None = None
+    paths: frozenset[TreePath] = frozenset()
+    refs: int = 0
+    node: NodeMeta | None = None
+
+    def ghost(self) -> tuple[object, ...]:
+        return (self.rc, self.usage, self.inl, self.vt, self.sto, self.paths)
+
+
+UNUSED_SLOT = Slot()
+
+
+@dataclass(frozen=True)
+class PageTableNode:
+    """One page-table page: its level, its path from the root, its 512 raw PTEs with the
+    hardware-set A/D bits masked (spec §5.12)."""
+
+    paddr: int
+    level: int
+    path: TreePath
+    entries: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Mapping_:
+    """One leaf: va -> paddr with level (1: 4 KiB) and the raw PTE (A/D masked)."""
+
+    va: int
+    paddr: int
+    level: int
+    pte: int
+    path: TreePath
+
+
+@dataclass(frozen=True)
+class VmSpaceView:
+    vs: int
+    root: int
+    nodes: Mapping[int, PageTableNode]  # paddr -> node, every node reachable from root
+    cursor: int = 0  # live cursor id borrowing this VmSpace, 0 if none
+
+    def mappings(self) -> dict[int, Mapping_]:
+        """Every leaf reachable through the user half (root entries 0..255)."""
+        out: dict[int, Mapping_] = {}
+        root = self.nodes[self.root]
+        stack: list[tuple[PageTableNode, int]] = [(root, 0)]
+        while stack:
+            node, base = stack.pop()
+            indices: Iterable[int] = TOP_LEVEL_USER_ENTRIES if node.level == 4 else range(NR_ENTRIES)
+            for i in indices:
+                pte = node.entries[i]
+                if not pte_is_present(pte):
+                    continue
+                va = base + i * page_size(node.level)
+                if node.level == 4 and va >= 1 << 47:
+                    va |= 0xFFFF_0000_0000_0000
+                if pte_is_last(pte) or node.level == 1:
+                    out[va] = Mapping_(va, pte_paddr(pte), node.level, pte, node.path + (i,))
+                else:
+                    child = self.nodes.get(pte_paddr(pte))
+                    if child is not None:
+                        stack.append((child, va))
+        return out
+
+
+@dataclass(frozen=True)
+class CursorView:
+    id: int
+    vs: int
+    mutable: bool
+    start: int  # barrier_va (the requested, locked range)
+    end: int
+    va: int
+    level: int
+    guard_level: int = 4
+
+
+@dataclass(frozen=True)
+class State:
+    slots: Mapping[int, Slot]  # every RAM slot, index -> Slot
+    vm_spaces: Mapping[int, VmSpaceView]
+    cursors: Mapping[int, CursorView]
+    frames: Mapping[int, int]  # FrameEntry: id -> paddr
+    segments: Mapping[int, tuple[int, int]]  # SegmentEntry: id -> [start, end)
+    uniques: Mapping[int, int]  # UniqueEntry: id -> paddr
+    kernel_root: int = 0
+    kernel_upper: tuple[int, ...] = ()  # kernel root entries 256..511 (raw)
+    nr_slots: int = 0
+    # provenance for cheap "for every slot" clauses; not part of equality
+    parent: State | None = field(default=None, compare=False, repr=False)
+    changed: frozenset[int] | None = field(default=None, compare=False, repr=False)
+
+    def slot(self, index: int) -> Slot:
+        return self.slots.get(index, UNUSED_SLOT)
+
+    def slot_of(self, paddr: int) -> Slot:
+        return self.slot(frame_to_index(paddr))
+
+    def slot_vaddr(self, index: int) -> int:
+        return index_to_meta(index)
+
+    def handle_count(self, index: int) -> int:
+        """H(i): live FrameEntry handles on slot i (plus none for uniques: they are not
+        FrameEntries)."""
+        return sum(1 for p in self.frames.values() if frame_to_index(p) == index)
+
+    def segment_cover_count(self, index: int) -> int:
+        """C(i): live segments covering index_to_frame(i)."""
+        paddr = index * PAGE_SIZE
+        return sum(1 for (s, e) in self.segments.values() if s <= paddr < e)
+
+    def handle_counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for p in self.frames.values():
+            out[frame_to_index(p)] = out.get(frame_to_index(p), 0) + 1
+        return out
+
+    def cover_counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for s, e in self.segments.values():
+            for p in range(s, e, PAGE_SIZE):
+                out[frame_to_index(p)] = out.get(frame_to_index(p), 0) + 1
+        return out
+
+
+def changed_slots(before: State, after: State) -> set[int]:
+    """Indices i with before.slot(i) != after.slot(i) (ghost fields or node meta).
+
+    Fast when `after` was derived from `before`; otherwise compares every slot."""
+    if after.parent is before and after.changed is not None:
+        return {i for i in after.changed if before.slot(i) != after.slot(i)}
+    keys = set(before.slots) | set(after.slots)
+    return {i for i in keys if before.slot(i) != after.slot(i)}
+
+
+def ghost_changed_slots(before: State, after: State) -> set[int]:
+    """Indices where FULL(i) fails: some ghost field differs."""
+    return {i for i in changed_slots(before, after) if before.slot(i).ghost() != after.slot(i).ghost()}
+
+
+assert META_SLOT_SIZE == 64
