@@ -105,6 +105,8 @@ REG_UNIQUE = 3  # w0 paddr
 REG_VM_SPACE = 4  # w0 root paddr, w1 live cursor id (0 none)
 REG_CURSOR = 5  # w0 vs id, w1 mutable, w2 barrier start, w3 barrier end, w4 va,
 #                 w5 level | guard_level << 8
+REG_COUNTERS = 6  # entry 0 only: w0..w4 next id of vm_space, cursor, frame, segment, unique
+REG_LEAKED_ROOT = 7  # a dropped VmSpace's root (still walked): id = its old vs id, w0 root
 # entry: u64 kind, u64 id, u64 w[6]
 
 # --- metadata slot layout (spec §4.1, our choices for storage) --------------------------

@@ -138,11 +138,16 @@ class CursorView:
 @dataclass(frozen=True)
 class State:
     slots: Mapping[int, Slot]  # every RAM slot, index -> Slot
-    vm_spaces: Mapping[int, VmSpaceView]
+    vm_spaces: Mapping[int, VmSpaceView]  # live VmSpaces
     cursors: Mapping[int, CursorView]
     frames: Mapping[int, int]  # FrameEntry: id -> paddr
     segments: Mapping[int, tuple[int, int]]  # SegmentEntry: id -> [start, end)
     uniques: Mapping[int, int]  # UniqueEntry: id -> paddr
+    # page tables of dropped VmSpaces: DropVmSpace leaks them (spec §2, VS-DROP), and their
+    # PTEs still reference frames, so their paths stay in `paths_in_pt`
+    leaked: Mapping[int, VmSpaceView] = field(default_factory=dict)
+    # next id per kind ("vm_space", "cursor", "frame", "segment", "unique")
+    next_ids: Mapping[str, int] = field(default_factory=dict)
     kernel_root: int = 0
     kernel_upper: tuple[int, ...] = ()  # kernel root entries 256..511 (raw)
     nr_slots: int = 0
