@@ -1,0 +1,48 @@
+"""Errors of the harness. Infrastructure trouble is never a finding (ARCHITECTURE "Errors")."""
+
+from __future__ import annotations
+
+import os
+
+
+def timeout_scale() -> float:
+    """Every deadline is multiplied by HIL_TIMEOUT_SCALE (slow CI machines, valgrind...)."""
+    try:
+        value = float(os.environ.get("HIL_TIMEOUT_SCALE", "1"))
+    except ValueError:
+        return 1.0
+    return value if value > 0 else 1.0
+
+
+class HilError(Exception):
+    """Base of the harness's own errors."""
+
+
+class InfraError(HilError):
+    """QEMU did not boot, gdb died, a stop did not come before its deadline...
+
+    Carries the QEMU command line and the tails of its logs so the one paragraph printed for
+    the user is enough to act on."""
+
+    def __init__(self, what: str, *, argv: list[str] | None = None, logs: dict[str, str] | None = None):
+        self.what = what
+        self.argv = argv or []
+        self.logs = logs or {}
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        parts = [self.what]
+        if self.argv:
+            parts.append("QEMU command line: " + " ".join(self.argv))
+        for name, tail in self.logs.items():
+            if tail.strip():
+                parts.append(f"--- tail of {name} ---\n{tail.rstrip()}")
+        return "\n".join(parts)
+
+
+class ConfigError(HilError):
+    """Bad input from the user: unknown profile key, missing image, bad trace..."""
+
+
+class AbiError(HilError):
+    """The guest image does not speak our ABI (missing symbol, wrong version or magic)."""

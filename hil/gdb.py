@@ -1,0 +1,224 @@
+"""A gdb/MI session over QEMU's gdb stub.
+
+We own the gdb process and its pipes and match replies by MI token; pygdbmi is used only for
+its table-driven record parser. (pygdbmi's `GdbController.write()` waits 0.2 s after every
+command for its output window, NOTES "gdb and QEMU's gdb stub".) Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pygdbmi import gdbmiparser
+
+from hil.errors import InfraError, timeout_scale
+
+GDB_BINARY = "gdb"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A `*stopped` record: why and where."""
+
+    reason: str
+    pc: int
+    raw: dict[str, Any]
+
+
+class Gdb:
+    def __init__(self, elf: Path, *, on_infra: Any = None):
+        self.elf = elf
+        self._token = 100
+        self._buf = b""
+        self._pending: list[dict[str, Any]] = []
+        # callable(what) -> InfraError, so failures carry the QEMU command line and logs
+        self._on_infra = on_infra or (lambda what: InfraError(what))
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [GDB_BINARY, "--nx", "--quiet", "--interpreter=mi3"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self._sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def infra(self, what: str) -> InfraError:
+        err: InfraError = self._on_infra(what)
+        return err
+
+    # --- low-level I/O ---------------------------------------------------------------
+    def _records(self, deadline: float) -> dict[str, Any]:
+        """Next parsed MI record, waiting at most until `deadline` (monotonic)."""
+        if self._pending:
+            return self._pending.pop(0)
+        assert self.proc is not None and self.proc.stdout is not None
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.infra("gdb did not answer before its deadline")
+            if not self._sel.select(timeout=remaining):
+                continue
+            chunk = self.proc.stdout.read(1 << 20)
+            if chunk == b"":
+                raise self.infra(f"gdb exited (status {self.proc.poll()})")
+            if chunk:
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if not text or text == "(gdb) ":
+            return {"type": "prompt"}
+        return gdbmiparser.parse_response(text)  # type: ignore[no-any-return]
+
+    def command(self, cmd: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Send one MI command; return its result record (`^done`/`^running`/`^connected`).
+        `^error` raises InfraError with gdb's message."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self._token += 1
+        token = self._token
+        try:
+            self.proc.stdin.write(f"{token}{cmd}\n".encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise self.infra(f"gdb is gone (writing {cmd!r})") from exc
+        deadline = time.monotonic() + timeout_s * timeout_scale()
+        early: list[dict[str, Any]] = []
+        while True:
+            rec = self._records(deadline)
+            if rec.get("type") == "result" and rec.get("token") == token:
+                self._pending = early + self._pending
+                if rec.get("message") == "error":
+                    msg = (rec.get("payload") or {}).get("msg", "")
+                    raise self.infra(f"gdb command {cmd!r} failed: {msg}")
+                return rec
+            if rec.get("type") == "notify" and rec.get("message") == "stopped":
+                early.append(rec)  # keep async stops for wait_stop
+
+    def console(self, cli: str, timeout_s: float = 10.0) -> str:
+        """Run a CLI command through MI and return what it printed to the console."""
+        escaped = cli.replace("\\", "\\\\").replace('"', '\\"')
+        assert self.proc is not None and self.proc.stdin is not None
+        self._token += 1
+        token = self._token
+        self.proc.stdin.write(f'{token}-interpreter-exec console "{escaped}"\n'.encode())
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s * timeout_scale()
+        out: list[str] = []
+        while True:
+            rec = self._records(deadline)
+            if rec.get("type") in ("console", "target") and isinstance(rec.get("payload"), str):
+                out.append(rec["payload"])
+            elif rec.get("type") == "result" and rec.get("token") == token:
+                if rec.get("message") == "error":
+                    raise self.infra(f"gdb command {cli!r} failed: {(rec.get('payload') or {}).get('msg')}")
+                return "".join(out)
+            elif rec.get("type") == "notify" and rec.get("message") == "stopped":
+                self._pending.append(rec)
+
+    def wait_stop(self, timeout_s: float) -> Stop:
+        """Wait for the next `*stopped` record (after a resume)."""
+        deadline = time.monotonic() + timeout_s * timeout_scale()
+        while True:
+            try:
+                rec = self._records(deadline)
+            except InfraError:
+                raise self.infra(f"the guest did not stop within {timeout_s * timeout_scale():.1f} s") from None
+            if rec.get("type") == "notify" and rec.get("message") == "stopped":
+                payload = rec.get("payload") or {}
+                frame = payload.get("frame") or {}
+                pc = int(frame.get("addr", "0"), 16) if frame.get("addr") else 0
+                return Stop(str(payload.get("reason", "")), pc, payload)
+
+    # --- the operations the harness needs ---------------------------------------------
+    def connect(self, socket_path: Path, timeout_s: float = 10.0) -> None:
+        # QEMU 7.2 always sends the 64-bit register layout: load the 64-bit ELF (NOTES)
+        self.command(f'-file-exec-and-symbols "{self.elf}"')
+        self.command("-gdb-set architecture i386:x86-64")
+        self.command("-gdb-set pagination off")
+        self.command("-gdb-set confirm off")
+        # breakpoints stay in guest memory while it runs: fewer packets per stop (NOTES)
+        self.command("-gdb-set breakpoint always-inserted on")
+        self.command(f"-target-select remote {socket_path}", timeout_s)
+
+    def break_insert(self, location: str) -> int:
+        rec = self.command(f"-break-insert {location}")
+        return int(rec["payload"]["bkpt"]["number"])
+
+    def resume(self) -> None:
+        self.command("-exec-continue")
+
+    def jump(self, address: int) -> None:
+        """Resume at `address`: used to step past the 1-byte `nop` of hil_op_done without the
+        step-over dance a continue at a breakpoint costs (NOTES)."""
+        self.command(f"-exec-jump *{address:#x}")
+
+    def interrupt(self) -> None:
+        self.command("-exec-interrupt")
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        rec = self.command(f"-data-read-memory-bytes {address:#x} {size}", timeout_s=60.0)
+        out = bytearray()
+        for block in rec["payload"]["memory"]:
+            begin = int(block["begin"], 16)
+            if begin != address + len(out):
+                raise self.infra(f"gdb returned a gap in memory at {begin:#x}")
+            out += bytes.fromhex(block["contents"])
+        if len(out) != size:
+            raise self.infra(f"gdb returned {len(out)} of {size} bytes at {address:#x}")
+        return bytes(out)
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        self.command(f"-data-write-memory-bytes {address:#x} {data.hex()}")
+
+    def set_physical_mode(self, on: bool) -> None:
+        """QEMU's gdb stub extension: every memory access uses physical addresses."""
+        self.console(f"maintenance packet Qqemu.PhyMemMode:{1 if on else 0}")
+
+    def register(self, name: str) -> int:
+        rec = self.command(f"-data-evaluate-expression ${name}")
+        value = rec["payload"]["value"]
+        # e.g. "0x1000" or "[ PG WP ... ]" for flag registers; cr3 is a plain number
+        with contextlib.suppress(ValueError):
+            return int(value.split()[0], 0)
+        raise self.infra(f"cannot parse register {name}: {value!r}")
+
+    def set_register(self, name: str, value: int) -> None:
+        self.command(f"-gdb-set ${name}={value:#x}")
+
+    def close(self, grace_s: float = 2.0) -> None:
+        """End gdb by PID and reap it. Safe to call twice."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None and proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(b"-gdb-exit\n")
+                    proc.stdin.flush()
+                try:
+                    proc.wait(timeout=grace_s * timeout_scale())
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+        finally:
+            with contextlib.suppress(Exception):
+                self._sel.close()
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(Exception):
+                    if stream:
+                        stream.close()
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(proc.pid, os.WNOHANG)
