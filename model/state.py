@@ -151,9 +151,16 @@ class State:
     kernel_root: int = 0
     kernel_upper: tuple[int, ...] = ()  # kernel root entries 256..511 (raw)
     nr_slots: int = 0
+    # handle-registry entries the guest has (entry 0 = counters); 0: unlimited (model tests)
+    registry_capacity: int = 0
     # provenance for cheap "for every slot" clauses; not part of equality
     parent: State | None = field(default=None, compare=False, repr=False)
     changed: frozenset[int] | None = field(default=None, compare=False, repr=False)
+    # snapshot-only, never compared: what the walker / decoder could not express in the fields
+    # above (hil.snapshot.Anomaly: a PTE outside RAM, a node reached twice, a bad type word...)
+    anomalies: tuple[object, ...] = field(default=(), compare=False, repr=False)
+    # snapshot-only, never compared: raw metadata etc. kept by hil.snapshot for a cheap next read
+    raw_cache: object = field(default=None, compare=False, repr=False)
 
     def slot(self, index: int) -> Slot:
         return self.slots.get(index, UNUSED_SLOT)

@@ -142,7 +142,8 @@ class PageProperty:
         return cls(word & 0xFF, CachePolicy(cache), (word >> 16) & 0xFF)
 
     def __repr__(self) -> str:
-        return f"PageProperty(flags={self.flags:#x}, cache=CachePolicy.{self.cache.name}, priv={self.priv:#x})"
+        cache = f"CachePolicy.{self.cache.name}"
+        return f"PageProperty(flags={self.flags:#x}, cache={cache}, priv={self.priv:#x})"
 
     def to_json(self) -> dict[str, Any]:
         return {"flags": self.flags, "cache": self.cache.name, "priv": self.priv}
@@ -217,7 +218,8 @@ class PropTransform:
     @classmethod
     def from_json(cls, data: Any) -> PropTransform:
         try:
-            return cls(**{k: int(data[k]) for k in ("set_flags", "clear_flags", "cache", "set_priv", "clear_priv")})
+            keys = ("set_flags", "clear_flags", "cache", "set_priv", "clear_priv")
+            return cls(**{k: int(data[k]) for k in keys})
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad PropTransform {data!r}") from exc
 
