@@ -1,0 +1,226 @@
+"""`hil run | replay | shrink`. Exit status: 0 no findings, 1 findings, 2 infrastructure or
+usage error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from hil.errors import AbiError, ConfigError, HilError, InfraError
+from hil.machine import DEFAULT_IMAGE, Profile
+from hil.run import Runner
+from hil.session import Session
+from hil.trace import Record, TraceError, TraceWriter, now, read_trace, versions
+
+EXIT_OK, EXIT_FINDINGS, EXIT_INFRA = 0, 1, 2
+
+
+def _progress(total: int | None, done: int, rate: float, findings: int) -> str:
+    if total:
+        width = 30
+        filled = int(width * done / total)
+        bar = "#" * filled + "-" * (width - filled)
+        return f"\r[{bar}] {done}/{total} ops  {rate:7.1f} ops/s  findings {findings}"
+    return f"\r{done} ops  {rate:7.1f} ops/s  findings {findings}"
+
+
+def _table(title: str, rows: list[tuple[str, ...]]) -> str:
+    if not rows:
+        return f"{title}: none\n"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    return "\n".join(lines) + "\n"
+
+
+def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
+    st = runner.stats
+    out = []
+    out.append(_table("ops by kind:", [(k, str(v)) for k, v in sorted(st.ops.items())]))
+    out.append(_table("results by status:", [(k, str(v)) for k, v in sorted(st.statuses.items())]))
+    out.append(_table("findings by kind and clause:",
+                      [(k, c, str(v)) for (k, c), v in sorted(st.findings.items())]))  # fmt: skip
+    cov = runner.coverage.counts()
+    out.append(_table("spec clauses exercised (non-vacuous antecedent count):",
+                      [(c, str(n)) for c, n in sorted(cov.items())]))  # fmt: skip
+    never = sorted(c for c, n in cov.items() if n == 0)
+    if never:
+        out.append(f"clauses never exercised: {', '.join(never)}\n")
+    n = st.total_ops
+    if n:
+        per = lambda s: f"{1e6 * s / n:.0f} us"  # noqa: E731
+        out.append(f"{n} ops, {st.rate():.1f} ops/s; per op: drive {per(st.drive_s)}, snapshot "
+                   f"{per(st.snapshot_s)}, model {per(st.model_s)}, check {per(st.check_s)}; "
+                   f"{st.reboots} reboots; boot-state findings {boot_findings}\n")  # fmt: skip
+    if trace_path:
+        out.append(f"trace: {trace_path}\n")
+    return "\n".join(out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hil.workload import Workload, WorkloadConfig
+
+    profile = Profile.load(args.profile)
+    image = Path(args.image)
+    session = Session(image=image, profile=profile, shared_ram=not args.gdb_only)
+    trace_path = Path(args.trace) if args.trace else Path("traces") / f"run-seed{args.seed}-{int(time.time())}.jsonl"
+    header = {
+        "guest_build_id": session.elf.build_id, "image": str(image), "profile": profile.name,
+        "seed": args.seed, "ops": args.ops, "versions": versions(), "started": now(),
+    }  # fmt: skip
+    writer = TraceWriter(trace_path, header)
+    runner = Runner(session, writer, stop_on_finding=args.stop_on_finding)
+    status = "interrupted"
+    findings_total = 0
+    t_last = 0.0
+    try:
+        boot_findings = runner.start()
+        findings_total += len(boot_findings)
+        for f in boot_findings:
+            print(f.describe(), file=sys.stderr)
+        assert session.layout is not None
+        workload = Workload(args.seed, session.layout, WorkloadConfig(error_rate=args.error_rate))
+
+        def on_step(rec: Record) -> None:
+            nonlocal findings_total, t_last
+            findings_total += len(rec.findings)
+            for f in rec.findings[: args.show]:
+                print("\n" + f.describe(), file=sys.stderr)
+            now_t = time.monotonic()
+            if sys.stderr.isatty() and (now_t - t_last > 0.2 or rec.index + 1 == args.ops):
+                t_last = now_t
+                sys.stderr.write(_progress(args.ops, rec.index + 1, runner.stats.rate(), findings_total))
+                sys.stderr.flush()
+
+        runner.run(workload, count=args.ops, on_step=on_step)
+        status = "complete"
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+    except InfraError as exc:
+        print(f"\ninfrastructure error (not a finding):\n{exc.describe()}", file=sys.stderr)
+        writer.close("infra-error", error=str(exc.what))
+        session.close()
+        print(f"trace (complete up to the last finished op): {trace_path}", file=sys.stderr)
+        return EXIT_INFRA
+    finally:
+        session.close()
+        writer.close(status, finished=now(), ops_done=runner.stats.total_ops)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(summary(runner, trace_path, len(boot_findings)))
+    return EXIT_FINDINGS if findings_total else EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    trace = read_trace(Path(args.trace))
+    image = Path(args.image or trace.header.get("image") or DEFAULT_IMAGE)
+    session = Session(image=image, profile=Profile.load(args.profile or trace.header.get("profile", "default")))
+    if trace.header.get("guest_build_id") not in (None, session.elf.build_id):
+        print(f"note: the trace was recorded on guest build {trace.header['guest_build_id']}, "
+              f"replaying on {session.elf.build_id}", file=sys.stderr)  # fmt: skip
+    runner = Runner(session)
+    differences = 0
+    try:
+        runner.start()
+        for rec in trace.records:
+            new = runner.step(rec.event)
+            old_sig = sorted(f.signature() for f in rec.findings)
+            new_sig = sorted(f.signature() for f in new.findings)
+            if new.result != rec.result or old_sig != new_sig:
+                differences += 1
+                print(f"op {rec.index} {rec.event!r}: recorded {rec.result!r} {old_sig}, "
+                      f"replayed {new.result!r} {new_sig}")  # fmt: skip
+    except InfraError as exc:
+        print(f"infrastructure error (not a finding):\n{exc.describe()}", file=sys.stderr)
+        return EXIT_INFRA
+    finally:
+        session.close()
+    total = sum(len(r.findings) for r in runner.records)
+    print(f"replayed {len(trace.records)} events: {differences} differences, {total} findings")
+    return EXIT_FINDINGS if differences or total else EXIT_OK
+
+
+def cmd_shrink(args: argparse.Namespace) -> int:
+    from hil.shrink import regression_test_source, shrink
+    from hil.trace import Poke
+
+    trace = read_trace(Path(args.trace))
+    image = Path(args.image or trace.header.get("image") or DEFAULT_IMAGE)
+    profile = Profile.load(args.profile or trace.header.get("profile", "default"))
+    try:
+        events, finding = shrink(
+            trace, lambda: Session(image=image, profile=profile), args.clause,
+            log=(lambda s: print(s, file=sys.stderr)) if args.verbose else (lambda s: None),
+        )  # fmt: skip
+    except InfraError as exc:
+        print(f"infrastructure error (not a finding):\n{exc.describe()}", file=sys.stderr)
+        return EXIT_INFRA
+    print(f"minimal trace for {finding.describe()}: {len(events)} events")
+    for e in events:
+        print(f"  {e!r}")
+    out = Path(args.out) if args.out else Path(args.trace).with_suffix(".min.jsonl")
+    writer = TraceWriter(out, {"guest_build_id": trace.header.get("guest_build_id"), "image": str(image),
+                               "profile": profile.name, "shrunk_from": args.trace, "started": now()})  # fmt: skip
+    for i, e in enumerate(events):
+        writer.record(i, e, None, [])
+    writer.close("complete", finished=now())
+    print(f"written: {out}")
+    if args.regression:
+        name = args.regression
+        path = Path("tests/data/regressions") / f"test_{name}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(regression_test_source(events, finding, name))
+        print(f"regression test: {path}")
+    _ = Poke
+    return EXIT_FINDINGS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hil", description="Hardware-in-the-loop checker for OSTD's page-table API")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="a checked run of a seeded random workload")
+    run.add_argument("--ops", type=int, default=3000)
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--profile", default="default")
+    run.add_argument("--image", default=str(DEFAULT_IMAGE))
+    run.add_argument("--trace", help="trace file (default traces/run-seed<S>-<time>.jsonl)")
+    run.add_argument("--error-rate", type=float, default=0.04)
+    run.add_argument("--stop-on-finding", action="store_true")
+    run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
+    run.add_argument("--show", type=int, default=3, help="findings printed per op as they come")
+    run.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("replay", help="re-run a trace and report any difference")
+    rep.add_argument("trace")
+    rep.add_argument("--image")
+    rep.add_argument("--profile")
+    rep.set_defaults(fn=cmd_replay)
+    shr = sub.add_parser("shrink", help="minimise a failing trace (delta debugging)")
+    shr.add_argument("trace")
+    shr.add_argument("--clause", help="shrink for the first finding with this clause (default: the first finding)")
+    shr.add_argument("--out")
+    shr.add_argument("--regression", metavar="NAME", help="also write tests/data/regressions/test_NAME.py")
+    shr.add_argument("--image")
+    shr.add_argument("--profile")
+    shr.add_argument("-v", "--verbose", action="store_true")
+    shr.set_defaults(fn=cmd_shrink)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.fn(args)
+        return code
+    except (ConfigError, AbiError, TraceError) as exc:
+        print(f"hil: {exc}", file=sys.stderr)
+        return EXIT_INFRA
+    except HilError as exc:
+        print(f"hil: {exc}", file=sys.stderr)
+        return EXIT_INFRA
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+_ = Counter

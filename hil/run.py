@@ -1,0 +1,151 @@
+"""The checked run: for each event, drive the guest, snapshot, predict, check, record.
+
+The model predicts from the last observed guest state (it never drifts: after a finding it
+is, in effect, re-synced from the guest), so every op is checked on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from hil import check
+from hil.check import Finding, Kind
+from hil.session import Session
+from hil.trace import Event, Poke, Record, TraceWriter
+from model import axioms, store
+from model import ops as m
+from model.state import State, changed_slots
+
+REBOOT_STATUSES = (m.Status.PANIC, m.Status.EXCEPTION)
+
+
+@dataclass
+class Stats:
+    ops: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    findings: Counter[tuple[str, str]] = field(default_factory=Counter)
+    reboots: int = 0
+    started: float = field(default_factory=time.monotonic)
+    drive_s: float = 0.0
+    snapshot_s: float = 0.0
+    model_s: float = 0.0
+    check_s: float = 0.0
+
+    @property
+    def total_ops(self) -> int:
+        return sum(self.ops.values())
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.total_ops / elapsed if elapsed > 0 else 0.0
+
+
+class Runner:
+    def __init__(
+        self, session: Session, writer: TraceWriter | None = None, *,
+        stop_on_finding: bool = False, check_enabled: bool = True,
+    ):  # fmt: skip
+        self.session = session
+        self.writer = writer
+        self.stop_on_finding = stop_on_finding
+        self.check_enabled = check_enabled
+        self.coverage = axioms.ClauseCoverage()
+        self.stats = Stats()
+        self.records: list[Record] = []
+        self.state: State | None = None
+        self.index = 0
+
+    def start(self) -> list[Finding]:
+        """Boot and check the invariants of the boot state (op index -1)."""
+        self.session.boot()
+        self.state = self.session.snapshot()
+        return check.check_invariants(-1, self.state) if self.check_enabled else []
+
+    def _reboot(self) -> None:
+        self.session.reset()
+        self.stats.reboots += 1
+        self.state = self.session.snapshot()
+
+    def step(self, event: Event) -> Record:
+        assert self.state is not None
+        index = self.index
+        self.index += 1
+        if isinstance(event, Poke):
+            self.session.poke(event.paddr, event.data)
+            rec = Record(index, event, None, [])
+            self._record(rec)
+            return rec
+        op = event
+        before = self.state
+        t0 = time.perf_counter()
+        obs = self.session.apply(op)
+        t1 = time.perf_counter()
+        after = self.session.snapshot(before)
+        t2 = time.perf_counter()
+        findings: list[Finding] = []
+        if self.check_enabled:
+            predicted_result, predicted = store.apply(before, op, check.alloc_from(before, after))
+            t3 = time.perf_counter()
+            findings += check.diff_results(index, op, obs.result, predicted_result)
+            if obs.result.status != m.Status.EXCEPTION:
+                findings += check.diff_states(index, before, after, predicted)
+            if obs.result.status not in REBOOT_STATUSES:
+                findings += check.check_axioms(
+                    index, op, before, after, obs.result, predicted, predicted_result,
+                    impl_clean=not findings, coverage=self.coverage,
+                )  # fmt: skip
+                findings += check.check_invariants(index, after, only=changed_slots(before, after))
+            t4 = time.perf_counter()
+            self.stats.model_s += t3 - t2
+            self.stats.check_s += t4 - t3
+        self.stats.drive_s += t1 - t0
+        self.stats.snapshot_s += t2 - t1
+        self.stats.ops[type(op).__name__] += 1
+        self.stats.statuses[obs.result.status.name] += 1
+        for f in findings:
+            self.stats.findings[(str(f.kind), f.clause)] += 1
+        rec = Record(index, op, obs.result, findings)
+        self._record(rec)
+        if obs.result.status in REBOOT_STATUSES:
+            self._reboot()
+        else:
+            self.state = after
+        return rec
+
+    def _record(self, rec: Record) -> None:
+        self.records.append(rec)
+        if self.writer is not None:
+            self.writer.record(rec.index, rec.event, rec.result, rec.findings)
+
+    def run(
+        self, events: Iterable[Event] | Callable[[State], Event | None], count: int | None = None,
+        on_step: Callable[[Record], None] | None = None,
+    ) -> list[Finding]:  # fmt: skip
+        """Run a fixed event list, or a generator called with the current state."""
+        found: list[Finding] = []
+        source = iter(events) if not callable(events) else None
+        n = 0
+        while count is None or n < count:
+            assert self.state is not None
+            if source is not None:
+                event = next(source, None)
+            else:
+                assert callable(events)
+                event = events(self.state)
+            if event is None:
+                break
+            rec = self.step(event)
+            n += 1
+            found += rec.findings
+            if on_step:
+                on_step(rec)
+            if self.stop_on_finding and rec.findings:
+                break
+        return found
+
+
+def kinds(findings: Iterable[Finding]) -> Counter[Kind]:
+    return Counter(f.kind for f in findings)

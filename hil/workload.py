@@ -1,0 +1,243 @@
+"""Seeded workloads that reach the interesting states (issue "The checked run").
+
+A `Workload` is called with the current State and returns the next op: several VmSpaces
+sharing frames, re-maps, whole-subtree unmaps at 2 MiB / 1 GiB / 512 GiB boundaries, queries
+of absent and present VAs, protect with every cache policy, frames cloned by query and then
+dropped, segments and unique frames, and error-path ops at a configurable rate. The same
+seed on the same guest gives the same ops (the choices depend only on the seed and the
+observed state, which a deterministic guest reproduces).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from hil.abi import Layout
+from model import ops as m
+from model.state import State
+from model.types import (
+    KEEP_CACHE,
+    PAGE_SIZE,
+    REF_COUNT_UNUSED,
+    USER_VA_END,
+    CachePolicy,
+    PageFlags,
+    PageProperty,
+    PrivFlags,
+    PropTransform,
+)
+
+GIB = 1 << 30
+MIB = 1 << 20
+SLOT_512G = 1 << 39
+
+# A few hot regions so that ops collide: the start of user space, a 2 MiB and a 1 GiB
+# boundary, the second 512 GiB slot, and the top of user space.
+HOT_BASES = (0, 2 * MIB - 4 * PAGE_SIZE, GIB - 4 * PAGE_SIZE, SLOT_512G, USER_VA_END - 16 * PAGE_SIZE)
+HOT_PAGES = 12
+UNMAP_SIZES = (PAGE_SIZE, 2 * PAGE_SIZE, 8 * PAGE_SIZE, 2 * MIB, GIB, SLOT_512G)
+
+PROPS = (
+    PageProperty(int(PageFlags.R), CachePolicy.WRITEBACK, int(PrivFlags.USER)),
+    PageProperty(int(PageFlags.R | PageFlags.W), CachePolicy.WRITEBACK, int(PrivFlags.USER)),
+    PageProperty(int(PageFlags.R | PageFlags.X), CachePolicy.WRITETHROUGH, int(PrivFlags.USER)),
+    PageProperty(int(PageFlags.R | PageFlags.W | PageFlags.X), CachePolicy.UNCACHEABLE, int(PrivFlags.USER)),
+    PageProperty(int(PageFlags.R | PageFlags.AVAIL1), CachePolicy.WRITEBACK, int(PrivFlags.USER | PrivFlags.GLOBAL)),
+)
+TRANSFORMS = (
+    PropTransform(set_flags=int(PageFlags.W)),
+    PropTransform(clear_flags=int(PageFlags.W)),
+    PropTransform(set_flags=int(PageFlags.X), cache=int(CachePolicy.WRITETHROUGH)),
+    PropTransform(cache=int(CachePolicy.UNCACHEABLE)),
+    PropTransform(cache=int(CachePolicy.WRITEBACK), set_flags=int(PageFlags.AVAIL2)),
+    PropTransform(clear_priv=int(PrivFlags.USER)),
+    PropTransform(cache=KEEP_CACHE),
+)
+
+
+@dataclass
+class WorkloadConfig:
+    error_rate: float = 0.04  # ops that must be rejected (dead ids, unaligned, wrong kind...)
+    panic_rate: float = 0.003  # ops that hit an OSTD panic condition (the guest reboots)
+    max_vm_spaces: int = 3
+    data_frames: int = 48  # distinct data-pool frames the workload cycles through
+
+
+class Workload:
+    def __init__(self, seed: int, layout: Layout, config: WorkloadConfig | None = None):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.layout = layout
+        self.config = config or WorkloadConfig()
+        start = layout.data_pool_start
+        self.frames = [start + i * PAGE_SIZE for i in range(self.config.data_frames)]
+        self.hot_vas = sorted({b + i * PAGE_SIZE for b in HOT_BASES for i in range(HOT_PAGES)})
+
+    # --- helpers ----------------------------------------------------------------------
+    def _choice(self, seq: list[int] | tuple[int, ...]) -> int:
+        return seq[self.rng.randrange(len(seq))]
+
+    def _free_cursor_vs(self, state: State) -> list[int]:
+        return sorted(vs for vs, v in state.vm_spaces.items() if not v.cursor)
+
+    def _range(self) -> tuple[int, int]:
+        r = self.rng.random()
+        if r < 0.35:
+            return 0, USER_VA_END
+        base = self._choice(HOT_BASES) & ~(PAGE_SIZE - 1)
+        if r < 0.7:
+            size = self._choice((2 * MIB, GIB, SLOT_512G))
+            start = base - (base % size)
+            return start, min(start + size, USER_VA_END)
+        return base, min(base + HOT_PAGES * PAGE_SIZE, USER_VA_END)
+
+    # --- the generator ------------------------------------------------------------------
+    def __call__(self, state: State) -> m.Op:
+        r = self.rng.random()
+        if r < self.config.panic_rate:
+            return self._panic_op(state)
+        if r < self.config.panic_rate + self.config.error_rate:
+            return self._error_op(state)
+        return self._valid_op(state)
+
+    def _valid_op(self, state: State) -> m.Op:
+        rng = self.rng
+        cursors = sorted(state.cursors)
+        mut = [c for c in cursors if state.cursors[c].mutable]
+        frames = sorted(state.frames)
+        if len(state.vm_spaces) < 1 or (len(state.vm_spaces) < self.config.max_vm_spaces and rng.random() < 0.02):
+            return m.NewVmSpace()
+        if not cursors:
+            free = self._free_cursor_vs(state)
+            if free:
+                start, end = self._range()
+                cls = m.OpenCursorMut if rng.random() < 0.85 else m.OpenCursor
+                return cls(vs=self._choice(free), start=start, end=end)
+        if len(frames) < 3 and rng.random() < 0.7:
+            return m.FrameFromUnused(paddr=self._choice(self.frames))
+        w = rng.random()
+        if cursors and w < 0.04:
+            c = self._choice(cursors)
+            return m.DropCursor(cursor=c)
+        if w < 0.07 and len(state.vm_spaces) > 1:
+            idle = [vs for vs in self._free_cursor_vs(state) if vs != min(state.vm_spaces)]
+            if idle:
+                return m.DropVmSpace(vs=self._choice(idle))
+        if cursors and w < 0.22:
+            c = self._choice(cursors)
+            cur = state.cursors[c]
+            candidates = [v for v in self.hot_vas if cur.start <= v < cur.end] or [cur.start]
+            return m.Jump(cursor=c, va=self._choice(candidates))
+        if mut and frames and w < 0.42:
+            return m.Map(cursor=self._choice(mut), frame=self._choice(frames), prop=PROPS[rng.randrange(len(PROPS))])
+        if mut and w < 0.50:
+            c = self._choice(mut)
+            cur = state.cursors[c]
+            size = self._choice(UNMAP_SIZES)
+            length = min(size, cur.end - cur.va) if cur.va < cur.end else 0
+            length -= length % PAGE_SIZE
+            if length <= 0:
+                return m.Jump(cursor=c, va=cur.start)
+            return m.Unmap(cursor=c, len=length)
+        if cursors and w < 0.60:
+            return m.Query(cursor=self._choice(cursors))
+        if cursors and w < 0.66:
+            c = self._choice(cursors)
+            cur = state.cursors[c]
+            if cur.va >= cur.end:
+                return m.Jump(cursor=c, va=cur.start)
+            length = min(self._choice(UNMAP_SIZES), cur.end - cur.va)
+            return m.FindNext(cursor=c, len=length - length % PAGE_SIZE)
+        if mut and w < 0.71:
+            c = self._choice(mut)
+            cur = state.cursors[c]
+            if cur.va >= cur.end:
+                return m.Jump(cursor=c, va=cur.start)
+            length = min(self._choice(UNMAP_SIZES), cur.end - cur.va)
+            return m.ProtectNext(cursor=c, len=length - length % PAGE_SIZE,
+                                 transform=TRANSFORMS[rng.randrange(len(TRANSFORMS))])  # fmt: skip
+        if cursors and w < 0.73:
+            return m.VirtAddr(cursor=self._choice(cursors))
+        if frames and w < 0.80:
+            return m.FrameDrop(frame=self._choice(frames))
+        if w < 0.84:
+            in_use = sorted({p for p in state.frames.values()} | {self.layout.kernel_root})
+            return m.FrameFromInUse(paddr=self._choice(in_use))
+        if w < 0.88:
+            return m.FrameFromUnused(paddr=self._choice(self.frames))
+        return self._segment_or_unique_op(state)
+
+    def _segment_or_unique_op(self, state: State) -> m.Op:
+        rng = self.rng
+        segs = sorted(state.segments)
+        uniques = sorted(state.uniques)
+        w = rng.random()
+        if not segs or w < 0.2:
+            i = rng.randrange(len(self.frames) - 4)
+            n = rng.randrange(1, 4)
+            return m.SegmentFromUnused(start=self.frames[i], end=self.frames[i] + n * PAGE_SIZE)
+        s = self._choice(segs)
+        start, end = state.segments[s]
+        pages = (end - start) // PAGE_SIZE
+        if w < 0.3:
+            return m.SegmentDrop(segment=s)
+        if w < 0.4 and pages > 1:
+            return m.SegmentSplit(segment=s, offset=rng.randrange(1, pages) * PAGE_SIZE)
+        if w < 0.5:
+            return m.SegmentNext(segment=s)
+        if w < 0.6:
+            return m.SegmentClone(segment=s)
+        if w < 0.7:
+            a = rng.randrange(pages)
+            b = rng.randrange(a + 1, pages + 1)
+            return m.SegmentSlice(segment=s, start=a * PAGE_SIZE, end=b * PAGE_SIZE)
+        if uniques and w < 0.8:
+            return m.UniqueDrop(unique=self._choice(uniques)) if rng.random() < 0.5 else m.FromUnique(
+                unique=self._choice(uniques))
+        if state.frames and w < 0.9:
+            return m.TryFromShared(frame=self._choice(sorted(state.frames)))
+        free = [p for p in self.frames if state.slot_of(p).rc == REF_COUNT_UNUSED]
+        return m.UniqueFromUnused(paddr=self._choice(free or self.frames))
+
+    def _dead(self, live: list[int], next_id: int) -> int:
+        return next_id + 5 if self.rng.random() < 0.5 or not live else 0
+
+    def _error_op(self, state: State) -> m.Op:
+        rng = self.rng
+        pick = rng.randrange(9)
+        ids = state.next_ids
+        ro = [c for c, cur in state.cursors.items() if not cur.mutable]
+        if pick == 0:
+            return m.Query(cursor=ids.get("cursor", 1) + 7)
+        if pick == 1:
+            return m.FrameDrop(frame=ids.get("frame", 1) + 7)
+        if pick == 2:
+            return m.FrameFromUnused(paddr=self._choice(self.frames) + 8)  # NOT_ALIGNED
+        if pick == 3:
+            return m.FrameFromInUse(paddr=self.layout.ram_size + PAGE_SIZE * rng.randrange(1, 9))
+        if pick == 4 and state.vm_spaces:
+            vs = self._choice(sorted(state.vm_spaces))
+            return m.OpenCursorMut(vs=vs, start=PAGE_SIZE + 1, end=2 * PAGE_SIZE)  # CURSOR_BUSY or ACCESS_DENIED
+        if pick == 5 and ro and state.frames:
+            return m.Map(cursor=self._choice(sorted(ro)), frame=self._choice(sorted(state.frames)))
+        if pick == 6 and state.cursors:
+            c = self._choice(sorted(state.cursors))
+            return m.Jump(cursor=c, va=state.cursors[c].end + PAGE_SIZE)  # INVALID_VADDR
+        if pick == 7 and state.cursors and state.frames:
+            c = self._choice(sorted(state.cursors))
+            return m.Map(cursor=c, frame=self._choice(sorted(state.frames)), prop=PageProperty(0x20))  # BAD_ARG
+        return m.DropVmSpace(vs=ids.get("vm_space", 1) + 3)
+
+    def _panic_op(self, state: State) -> m.Op:
+        cursors = sorted(state.cursors)
+        if not cursors:
+            return self._error_op(state)
+        c = self._choice(cursors)
+        cur = state.cursors[c]
+        pick = self.rng.randrange(3)
+        if pick == 0:
+            return m.FindNext(cursor=c, len=PAGE_SIZE + 1)
+        if pick == 1:
+            return m.Jump(cursor=c, va=cur.start + 1)
+        return m.FindNext(cursor=c, len=(cur.end - min(cur.va, cur.end)) + PAGE_SIZE)
