@@ -1,0 +1,148 @@
+/* The mailbox loop and the op dispatcher (protocol: hil/abi.py module docstring). */
+#include "mm.h"
+
+volatile u8 hil_mailbox[HIL_MAILBOX_SIZE] __attribute__((section(".data.hil_mailbox"), aligned(4096)));
+
+void hil_panic(u64 code, const char *why) {
+    volatile char *msg = (volatile char *)(hil_mailbox + HIL_OFF_MESSAGE);
+    int i = 0;
+    for (; why[i] && i < HIL_MESSAGE_SIZE - 1; i++)
+        msg[i] = why[i];
+    msg[i] = 0;
+    *mb_word(HIL_OFF_RESP_CODE) = code;
+    *mb_word(HIL_OFF_RESP_STATUS) = HIL_STATUS_PANIC;
+    serial_puts("panic: ");
+    serial_puts(why);
+    serial_puts("\n");
+    if (op_recover_armed)
+        hil_longjmp(&op_recover, 1);
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
+
+static u64 op_probe(void) {
+    u64 va = mb_arg(HIL_ARG_PROBE_VA), write = mb_arg(HIL_ARG_PROBE_WRITE);
+    u64 value = mb_arg(HIL_ARG_PROBE_VALUE);
+    if (write > 1)
+        return HIL_ERR_BAD_ARG;
+    volatile u64 got = 0;
+    if (hil_setjmp(&probe_recover) == 0) {
+        probe_armed = 1;
+        if (write) {
+            *(volatile u64 *)va = value;
+            got = value;
+        } else {
+            got = *(volatile u64 *)va;
+        }
+        probe_armed = 0;
+        mb_result(HIL_RES_PROBE_FAULTED, 0);
+        mb_result(HIL_RES_PROBE_VALUE, got);
+    } else {
+        mb_result(HIL_RES_PROBE_FAULTED, 1);
+        mb_result(HIL_RES_PROBE_ERROR_CODE, probe_error_code);
+        mb_result(HIL_RES_PROBE_CR2, probe_cr2);
+    }
+    return 0;
+}
+
+static u64 op_raise_fault(void) {
+    u64 kind = mb_arg(HIL_ARG_RAISE_FAULT_KIND);
+    if (kind > 3)
+        return HIL_ERR_BAD_ARG;
+    switch (kind) {
+    case 0:
+        __asm__ volatile("ud2");
+        break;
+    case 1:
+        (void)*(volatile u64 *)0x8000000000000000UL;  /* non-canonical: #GP */
+        break;
+    case 2:
+        (void)*(volatile u64 *)UNMAPPED_KERNEL_VA;     /* root entry 384's L3 is empty: #PF */
+        break;
+    case 3:
+        __asm__ volatile("xorl %%edx, %%edx; movl $1, %%eax; xorl %%ecx, %%ecx; divl %%ecx"
+                         ::: "rax", "rcx", "rdx");  /* #DE */
+        break;
+    }
+    return 0;  /* unreachable: every kind faults */
+}
+
+static u64 dispatch(u64 op) {
+    switch (op) {
+    case HIL_OP_NOP:
+        mb_result(HIL_RES_NOP_VALUE, mb_arg(HIL_ARG_NOP_VALUE));
+        return 0;
+    case HIL_OP_VM_SPACE_NEW:
+    case HIL_OP_VM_SPACE_DROP:
+    case HIL_OP_ACTIVATE:
+        return op_vm_space(op);
+    case HIL_OP_CURSOR:
+    case HIL_OP_CURSOR_MUT:
+    case HIL_OP_CURSOR_DROP:
+    case HIL_OP_QUERY:
+    case HIL_OP_FIND_NEXT:
+    case HIL_OP_JUMP:
+    case HIL_OP_VIRT_ADDR:
+    case HIL_OP_MAP:
+    case HIL_OP_UNMAP:
+    case HIL_OP_PROTECT_NEXT:
+        return op_cursor(op);
+    case HIL_OP_FRAME_FROM_UNUSED:
+    case HIL_OP_FRAME_FROM_IN_USE:
+    case HIL_OP_FRAME_DROP:
+    case HIL_OP_SEGMENT_FROM_UNUSED:
+    case HIL_OP_SEGMENT_DROP:
+    case HIL_OP_SEGMENT_SPLIT:
+    case HIL_OP_SEGMENT_NEXT:
+    case HIL_OP_SEGMENT_CLONE:
+    case HIL_OP_SEGMENT_SLICE:
+    case HIL_OP_UNIQUE_FROM_UNUSED:
+    case HIL_OP_UNIQUE_DROP:
+    case HIL_OP_FROM_UNIQUE:
+    case HIL_OP_TRY_FROM_SHARED:
+        return op_frame(op);
+    case HIL_OP_PROBE:
+        return op_probe();
+    case HIL_OP_RAISE_FAULT:
+        return op_raise_fault();
+    default:
+        return HIL_ERR_UNKNOWN_OP;
+    }
+}
+
+static void run_op(void) {
+    /* Zero the per-op response fields so stale results never look fresh. */
+    for (int i = 0; i < HIL_NR_RESULTS; i++)
+        mb_result(i, 0);
+    *mb_word(HIL_OFF_RESP_CODE) = 0;
+    *mb_word(HIL_OFF_FLUSH_LOG_LEN) = 0;
+    for (u64 off = HIL_OFF_EXC_VECTOR; off <= HIL_OFF_EXC_RSP; off += 8)
+        *mb_word(off) = 0;
+    hil_mailbox[HIL_OFF_MESSAGE] = 0;
+    *mb_word(HIL_OFF_RESP_STATUS) = HIL_STATUS_NONE;
+
+    u64 op = *mb_word(HIL_OFF_REQ_OP);
+    if (hil_setjmp(&op_recover) == 0) {
+        op_recover_armed = 1;
+        u64 err = dispatch(op);
+        *mb_word(HIL_OFF_RESP_CODE) = err;
+        *mb_word(HIL_OFF_RESP_STATUS) = err ? HIL_STATUS_ERR : HIL_STATUS_OK;
+    }
+    /* else: hil_panic / the exception handler already wrote status and code */
+    op_recover_armed = 0;
+}
+
+void hil_main_loop(void) {
+    *mb_word(HIL_OFF_RESP_SEQ) = 0;
+    *mb_word(HIL_OFF_RESP_STATUS) = HIL_STATUS_READY;
+    serial_puts("hil: READY\n");
+    for (;;) {
+        hil_op_done();
+        u64 req = *mb_word(HIL_OFF_REQ_SEQ);
+        if (req == *mb_word(HIL_OFF_RESP_SEQ))
+            continue;
+        run_op();
+        barrier();
+        *mb_word(HIL_OFF_RESP_SEQ) = req;  /* last: the response is complete */
+    }
+}
