@@ -1,0 +1,107 @@
+"""The foundation against the real guest: boot, the mailbox drive, physical reads, the walker
+against QEMU's own view, CPU exceptions reported (never a hang)."""
+
+from __future__ import annotations
+
+import struct
+
+from hil import abi
+from hil.memory import GdbPhysMemory
+from hil.session import Session
+from hil.snapshot import walk_tree
+from model import ops as m
+from model.types import REF_COUNT_UNUSED, Usage
+
+
+def _state_bytes(s: Session) -> dict[str, bytes]:
+    """Every byte the harness treats as state: metadata region, registry, kernel PT pages."""
+    assert s.memory is not None and s.layout is not None
+    lay = s.layout
+    out = {
+        "meta": s.memory.read(lay.meta_base, lay.slot_count * lay.slot_size),
+        "registry": s.memory.read(lay.registry_base, lay.registry_entries * lay.registry_entry_size),
+    }
+    for paddr in sorted(walk_tree(s.memory, lay.kernel_root, user_half=False)):
+        out[f"pt@{paddr:#x}"] = s.memory.read(paddr, 4096)
+    return out
+
+
+def test_boot_reaches_op_loop_and_layout_is_sane(session: Session) -> None:
+    lay = session.layout
+    assert lay is not None
+    assert lay.magic == abi.LAYOUT_MAGIC and lay.abi_version == abi.ABI_VERSION
+    assert lay.ram_size == 64 << 20
+    assert lay.slot_size == 64 and lay.slot_count == lay.ram_size // 4096
+    assert lay.meta_base % 4096 == 0 and lay.meta_base + lay.slot_count * 64 <= lay.ram_size
+    assert lay.pt_pool_start < lay.pt_pool_end <= lay.data_pool_start < lay.data_pool_end <= lay.ram_size
+    # the guest stopped at hil_op_done and runs on its kernel root
+    assert session.cr3() & ~0xFFF == lay.kernel_root
+    # slots as OSTD boots them: the metadata region's own frames are in use as META, the
+    # data pool is UNUSED
+    mem = session.memory
+    assert mem is not None
+    meta_slot = lay.meta_base + 64 * (lay.meta_base // 4096)
+    rc, vt = struct.unpack("<QQ", mem.read(meta_slot + 40, 16))
+    assert rc == 1 and vt == Usage.META
+    free_slot = lay.meta_base + 64 * (lay.data_pool_start // 4096)
+    assert struct.unpack("<Q", mem.read(free_slot + 40, 8))[0] == REF_COUNT_UNUSED
+
+
+def test_kernel_root_upper_half_points_at_level3_nodes(session: Session) -> None:
+    assert session.memory is not None and session.layout is not None
+    root = session.memory.read(session.layout.kernel_root, 4096)
+    entries = struct.unpack("<512Q", root)
+    for i in range(256, 512):
+        assert entries[i] & 1, f"kernel root entry {i} is absent"
+        assert not entries[i] & 0x80, f"kernel root entry {i} is a leaf"
+
+
+def test_nop_round_trips_with_seq_echoed(session: Session) -> None:
+    seq_before = session.seq
+    obs = session.apply(m.Nop(value=0xDEADBEEF))
+    assert obs.seq == seq_before + 1
+    assert obs.response.seq == obs.seq
+    assert obs.result == m.OpResult.ok(value=0xDEADBEEF)
+
+
+def test_unknown_op_is_an_error_and_changes_no_byte(session: Session) -> None:
+    before = _state_bytes(session)
+    resp = session.apply_raw(0x7777, [1, 2, 3])
+    assert resp.status == m.Status.ERR and resp.code == m.ErrorCode.UNKNOWN_OP
+    resp = session.apply_raw(0, [])
+    assert resp.status == m.Status.ERR and resp.code == m.ErrorCode.UNKNOWN_OP
+    after = _state_bytes(session)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key] == after[key], f"{key} changed"
+
+
+def test_shared_ram_and_gdb_physical_reads_agree(session: Session) -> None:
+    assert session.memory is not None and session.layout is not None and session.gdb is not None
+    lay = session.layout
+    session.apply(m.NewVmSpace())  # some user page table too
+    gdb_mem = GdbPhysMemory(session.gdb, lay.ram_size)
+    try:
+        regions = [(lay.meta_base, lay.slot_count * 64), (lay.registry_base, 4096), (lay.mailbox, 4096)]
+        regions += [(p, 4096) for p in sorted(walk_tree(session.memory, lay.kernel_root, user_half=False))[:40]]
+        for paddr, size in regions:
+            assert gdb_mem.read(paddr, size) == session.memory.read(paddr, size), f"{paddr:#x}+{size:#x}"
+    finally:
+        gdb_mem.close()
+
+
+def test_cpu_exception_is_reported_with_disassembly(fresh: Session) -> None:
+    obs = fresh.apply(m.RaiseFault(kind=0))
+    assert obs.result.status == m.Status.EXCEPTION
+    assert obs.response.exc_vector == 6  # #UD
+    assert any(line.startswith("=>") and "ud2" in line for line in obs.disassembly), obs.disassembly
+    func = fresh.elf.function_at(obs.response.exc_rip)
+    assert func is not None
+    obs = fresh.apply(m.RaiseFault(kind=1))
+    assert obs.result.status == m.Status.EXCEPTION and obs.response.exc_vector == 13  # #GP
+    obs = fresh.apply(m.RaiseFault(kind=2))
+    assert obs.result.status == m.Status.EXCEPTION and obs.response.exc_vector == 14  # #PF
+    assert obs.response.exc_cr2 != 0
+    assert "CPU exception vector 14" in obs.describe_exception()
+    # and the guest still answers
+    assert fresh.apply(m.Nop(value=7)).result == m.OpResult.ok(value=7)
