@@ -156,12 +156,18 @@ class Gdb:
         rec = self.command(f"-break-insert {location}")
         return int(rec["payload"]["bkpt"]["number"])
 
+    def _drop_stale_stops(self) -> None:
+        # e.g. the stop that `target remote` reports for the halted CPU: not ours to wait for
+        self._pending = [r for r in self._pending if not (r.get("type") == "notify" and r.get("message") == "stopped")]
+
     def resume(self) -> None:
+        self._drop_stale_stops()
         self.command("-exec-continue")
 
     def jump(self, address: int) -> None:
         """Resume at `address`: used to step past the 1-byte `nop` of hil_op_done without the
         step-over dance a continue at a breakpoint costs (NOTES)."""
+        self._drop_stale_stops()
         self.command(f"-exec-jump *{address:#x}")
 
     def interrupt(self) -> None:
@@ -187,7 +193,7 @@ class Gdb:
         self.console(f"maintenance packet Qqemu.PhyMemMode:{1 if on else 0}")
 
     def register(self, name: str) -> int:
-        rec = self.command(f"-data-evaluate-expression ${name}")
+        rec = self.command(f'-data-evaluate-expression "(unsigned long)${name}"')
         value = rec["payload"]["value"]
         # e.g. "0x1000" or "[ PG WP ... ]" for flag registers; cr3 is a plain number
         with contextlib.suppress(ValueError):

@@ -137,7 +137,9 @@ class Session:
             raise AbiError(f"{self.image}: hil_layout magic {layout.magic:#x} != {abi.LAYOUT_MAGIC:#x}")
         if layout.abi_version != abi.ABI_VERSION:
             raise AbiError(f"{self.image}: guest ABI version {layout.abi_version}, harness speaks {abi.ABI_VERSION}")
-        if layout.ram_size != self.profile.memory_mib << 20:
+        # the guest counts the RAM the boot loader reports usable (BIOS keeps a little at the top)
+        profile_ram = self.profile.memory_mib << 20
+        if not profile_ram - (1 << 20) <= layout.ram_size <= profile_ram:
             raise AbiError(f"guest reports {layout.ram_size:#x} bytes of RAM, profile has {self.profile.memory_mib} MiB")
         return layout
 
