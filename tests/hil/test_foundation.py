@@ -8,7 +8,7 @@ import struct
 from hil import abi
 from hil.memory import GdbPhysMemory
 from hil.session import Session
-from hil.snapshot import walk_tree
+from hil.snapshot import compare_info_mem, compare_info_tlb, parse_info_mem, parse_info_tlb, qemu_view, walk_tree
 from model import ops as m
 from model.types import REF_COUNT_UNUSED, Usage
 
@@ -105,3 +105,32 @@ def test_cpu_exception_is_reported_with_disassembly(fresh: Session) -> None:
     assert "CPU exception vector 14" in obs.describe_exception()
     # and the guest still answers
     assert fresh.apply(m.Nop(value=7)).result == m.OpResult.ok(value=7)
+
+
+def test_walker_matches_qemu_info_tlb_and_info_mem(session: Session) -> None:
+    """Our walker's view of the CR3 the CPU runs on equals QEMU's own, entry by entry."""
+    assert session.machine is not None and session.memory is not None
+    cr3 = session.cr3() & ~0xFFF
+    qemu_tlb = parse_info_tlb(session.machine.hmp("info tlb"))
+    qemu_mem = parse_info_mem(session.machine.hmp("info mem"))
+    ours_tlb, ours_mem = qemu_view(session.memory, cr3)
+    assert any(line.va == 0xFFFF_8000_0000_0000 for line in qemu_tlb)  # the linear map
+    assert compare_info_tlb(qemu_tlb, ours_tlb) == []
+    assert compare_info_mem(qemu_mem, ours_mem) == []
+    # and a user root loaded into CR3 through `activate`, with a mapping in it
+    s = session
+    vs = s.apply(m.NewVmSpace()).result.get("vs")
+    c = s.apply(m.OpenCursorMut(vs=vs, start=0x40_0000, end=0x80_0000)).result.get("cursor")
+    f = s.apply(m.FrameFromUnused(paddr=s.layout.data_pool_start)).result.get("frame")  # type: ignore[union-attr]
+    assert s.apply(m.Map(cursor=c, frame=f)).result.status == m.Status.OK
+    s.apply(m.DropCursor(cursor=c))
+    assert s.apply(m.Activate(vs=vs)).result.status == m.Status.OK
+    try:
+        user_cr3 = s.cr3() & ~0xFFF
+        assert user_cr3 != cr3
+        qemu_tlb = parse_info_tlb(s.machine.hmp("info tlb"))  # type: ignore[union-attr]
+        ours_tlb, _ = qemu_view(s.memory, user_cr3)  # type: ignore[arg-type]
+        assert any(line.va == 0x40_0000 and line.pa == s.layout.data_pool_start for line in ours_tlb)  # type: ignore[union-attr]
+        assert compare_info_tlb(qemu_tlb, ours_tlb) == []
+    finally:
+        s.apply(m.Activate(vs=0))
