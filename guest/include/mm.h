@@ -44,7 +44,8 @@ u64 get_slot_check(u64 pa);            /* 0 or HIL_ERR_NOT_ALIGNED / OUT_OF_BOUN
 u64 frame_from_unused(u64 pa, bool unique);     /* 0 or an ERR code; state unchanged on ERR */
 u64 frame_from_in_use(u64 pa);                  /* 0 or an ERR code; panics on overflow */
 void frame_inc_ref(u64 pa);                     /* Frame::clone */
-void frame_drop_ref(u64 pa);                    /* Frame drop: fetch_sub, last -> drop_last_in_place */
+void frame_drop_ref(u64 pa);                    /* Frame drop: rc - 1, tear down at 1 (no on_drop of children) */
+void pt_node_drop_ref(u64 pa);                  /* drop a stray PT node: at its last ref, on_drop its children */
 u64 op_frame(u64 op);                          /* frame / segment / unique op dispatch */
 
 /* --- PTE encoding (mm/page_table/node.c), spec §5.12 --- */
@@ -102,7 +103,7 @@ u64 pt_alloc_node(int level);          /* pool allocator, panics OUT_OF_MEMORY *
 
 /* --- TLB flusher (mm/tlb.c), spec §5.13 --- */
 void tlb_flusher_begin(void);
-void tlb_issue_flush_with(u64 va, u64 len, u64 keep_pa);   /* len 4096 = Address(va) */
+void tlb_issue_flush_with(u64 va, u64 len, u64 keep_pa, bool stray_pt);   /* len 4096 = Address(va) */
 void tlb_dispatch(bool from_unmap);
 
 /* --- cursor (mm/page_table/cursor.c) and vm_space (mm/vm_space.c) --- */

@@ -1,2 +1,48 @@
+/* VmSpace::new / drop and the harness-only Activate (spec §5.2, docs/semantics.md). */
 #include "mm.h"
-u64 op_vm_space(u64 op) { (void)op; return HIL_ERR_UNKNOWN_OP; }
+
+u64 op_vm_space(u64 op) {
+    u64 a0 = mb_arg(0);
+    struct reg_entry *e;
+    switch (op) {
+    case HIL_OP_VM_SPACE_NEW: {
+        if (reg_free_count() < 1)
+            return HIL_ERR_NO_SPACE;
+        /* create_user_page_table: a fresh zeroed root, then raw new_pt copies of the kernel
+         * root's entries 256..511 (shared L3 nodes, their refcounts untouched; not counted
+         * in the new root's nr_children because they are write_pte, not Entry::replace). */
+        u64 root = pt_alloc_node(4);
+        u64 *kr = pt_node(mm.kernel_root), *r = pt_node(root);
+        for (int i = 256; i < NR_ENTRIES; i++) {
+            if (!pte_is_present(kr[i]) || pte_is_last(kr[i]))
+                hil_panic(HIL_PANIC_KERNEL_ROOT_ENTRY, "kernel root entry 256..511 absent or a leaf");
+            r[i] = pte_new_pt(pte_paddr(kr[i]));
+        }
+        e = reg_new(HIL_REG_VM_SPACE, ID_VM_SPACE);
+        e->w[0] = root;
+        e->w[1] = 0;
+        mb_result(HIL_RES_VM_SPACE_NEW_VS, e->id);
+        mb_result(HIL_RES_VM_SPACE_NEW_ROOT, root);
+        return 0;
+    }
+    case HIL_OP_VM_SPACE_DROP:
+        if (!(e = reg_find(HIL_REG_VM_SPACE, a0)))
+            return HIL_ERR_BAD_ID;
+        if (e->w[1])
+            return HIL_ERR_VM_SPACE_BUSY;
+        /* No exec Drop for VmSpace in vostd (§2 VS-DROP): root, subtree, frames leak. The
+         * entry stays so the harness keeps walking the leaked tree. */
+        e->kind = HIL_REG_LEAKED_ROOT;
+        return 0;
+    case HIL_OP_ACTIVATE:
+        if (a0 == 0) {
+            write_cr3(mm.kernel_root);
+            return 0;
+        }
+        if (!(e = reg_find(HIL_REG_VM_SPACE, a0)))
+            return HIL_ERR_BAD_ID;
+        write_cr3(e->w[0]);  /* kernel half stays mapped through the shared L3 nodes */
+        return 0;
+    }
+    return HIL_ERR_UNKNOWN_OP;
+}
