@@ -44,12 +44,13 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
     out.append(_table("results by status:", [(k, str(v)) for k, v in sorted(st.statuses.items())]))
     out.append(_table("findings by kind and clause:",
                       [(k, c, str(v)) for (k, c), v in sorted(st.findings.items())]))  # fmt: skip
-    cov = runner.coverage.counts()
-    out.append(_table("spec clauses exercised (non-vacuous antecedent count):",
-                      [(c, str(n)) for c, n in sorted(cov.items())]))  # fmt: skip
-    never = sorted(c for c, n in cov.items() if n == 0)
+    cov = runner.coverage
+    out.append(_table("spec clauses (evaluated / antecedent held / violated):",
+                      [(c, str(n), str(cov.exercised.get(c, 0)), str(cov.violated.get(c, 0)))
+                       for c, n in sorted(cov.evaluated.items())]))  # fmt: skip
+    never = cov.never_exercised()
     if never:
-        out.append(f"clauses never exercised: {', '.join(never)}\n")
+        out.append(f"clauses never exercised in this run: {', '.join(never)}\n")
     n = st.total_ops
     if n:
         per = lambda s: f"{1e6 * s / n:.0f} us"  # noqa: E731
