@@ -226,7 +226,7 @@ def op_result(op: m.Op, resp: Response) -> m.OpResult:
     """The model-comparable result of `op` from a decoded response."""
     if resp.status == m.Status.OK:
         names = type(op).RESULTS
-        return m.OpResult(m.Status.OK, 0, tuple(zip(names, resp.results[: len(names)])))
+        return m.OpResult(m.Status.OK, 0, tuple(zip(names, resp.results[: len(names)], strict=True)))
     return m.OpResult(resp.status, resp.code)
 
 

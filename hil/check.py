@@ -167,9 +167,9 @@ def diff_tables(index: int, vs: int, guest: VmSpaceView | None, model: VmSpaceVi
         if gn.entries != mn.entries:
             for i, (ge, me) in enumerate(zip(gn.entries, mn.entries, strict=True)):
                 if ge != me:
+                    msg = f"level-{mn.level} node {paddr:#x} entry {i} (xor {ge ^ me:#x})"
                     out.append(Finding(Kind.IMPL, index, "PTE", "raw", vs=vs, va=_node_va(mn.path, i),
-                                       guest=ge, model=me,
-                                       message=f"level-{mn.level} node {paddr:#x} entry {i} (xor {ge ^ me:#x})"))  # fmt: skip
+                                       guest=ge, model=me, message=msg))  # fmt: skip
     return out
 
 

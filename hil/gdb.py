@@ -80,7 +80,7 @@ class Gdb:
         text = line.decode("utf-8", "replace").rstrip("\r")
         if not text or text == "(gdb) ":
             return {"type": "prompt"}
-        return gdbmiparser.parse_response(text)  # type: ignore[no-any-return]
+        return gdbmiparser.parse_response(text)
 
     def command(self, cmd: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """Send one MI command; return its result record (`^done`/`^running`/`^connected`).

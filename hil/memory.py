@@ -10,6 +10,7 @@ RAM, so a reader must bound-check every access against `ram_size` itself and rai
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -134,10 +135,9 @@ class SharedRamMemory:
 
     def close(self) -> None:
         if self._map is not None:
-            try:
+            # a memoryview may still be alive; the mapping then goes with it
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                pass  # a memoryview is still alive; the mapping goes with it
             self._map = None
 
 

@@ -136,7 +136,9 @@ class Session:
         if layout.magic != abi.LAYOUT_MAGIC:
             raise AbiError(f"{self.image}: hil_layout magic {layout.magic:#x} != {abi.LAYOUT_MAGIC:#x}")
         if layout.abi_version != abi.ABI_VERSION:
-            raise AbiError(f"{self.image}: guest ABI version {layout.abi_version}, harness speaks {abi.ABI_VERSION}")
+            raise AbiError(
+                f"{self.image}: guest ABI version {layout.abi_version}, harness speaks {abi.ABI_VERSION}"
+            )
         # the guest counts the RAM the boot loader reports usable (BIOS keeps a little at the top)
         profile_ram = self.profile.memory_mib << 20
         if not profile_ram - (1 << 20) <= layout.ram_size <= profile_ram:
