@@ -142,7 +142,8 @@ class Session:
         # the guest counts the RAM the boot loader reports usable (BIOS keeps a little at the top)
         profile_ram = self.profile.memory_mib << 20
         if not profile_ram - (1 << 20) <= layout.ram_size <= profile_ram:
-            raise AbiError(f"guest reports {layout.ram_size:#x} bytes of RAM, profile has {self.profile.memory_mib} MiB")
+            mib = self.profile.memory_mib
+            raise AbiError(f"guest reports {layout.ram_size:#x} bytes of RAM, profile has {mib} MiB")
         return layout
 
     def mailbox(self) -> bytes:
