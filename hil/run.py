@@ -6,6 +6,7 @@ is, in effect, re-synced from the guest), so every op is checked on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from model import ops as m
 from model.state import State, changed_slots
 
 REBOOT_STATUSES = (m.Status.PANIC, m.Status.EXCEPTION)
+UNPREDICTED_STATUS = {m.Probe: m.Status.OK, m.RaiseFault: m.Status.EXCEPTION}
 
 
 @dataclass
@@ -87,7 +89,12 @@ class Runner:
         t2 = time.perf_counter()
         findings: list[Finding] = []
         if self.check_enabled:
-            predicted_result, predicted = store.apply(before, op, check.alloc_from(before, after))
+            try:
+                predicted_result, predicted = store.apply(before, op, check.alloc_from(before, after))
+            except store.Unpredictable:
+                # Probe / RaiseFault: the model does not predict the MMU or a fault; state must not change
+                predicted_result = m.OpResult(UNPREDICTED_STATUS[type(op)], obs.result.code, obs.result.values)
+                predicted = dataclasses.replace(before, parent=before, changed=frozenset())
             t3 = time.perf_counter()
             findings += check.diff_results(index, op, obs.result, predicted_result)
             if obs.result.status != m.Status.EXCEPTION:
