@@ -103,11 +103,16 @@ class OpResult:
         return f"OpResult(Status.{self.status.name}, {self.code}, {self.values!r})"
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status.name, "code": self.code, "values": dict(self.values)}
+        # pairs, not an object: traces are written with sorted keys and the word order matters
+        return {"status": self.status.name, "code": self.code, "values": [[k, v] for k, v in self.values]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OpResult:
-        return cls(Status[data["status"]], int(data["code"]), tuple(data["values"].items()))
+        try:
+            values = tuple((str(k), int(v)) for k, v in data["values"])
+            return cls(Status[data["status"]], int(data["code"]), values)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad result record {data!r}") from exc
 
 
 def _hex(value: int) -> str:
