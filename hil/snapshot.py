@@ -555,9 +555,7 @@ def decode_registry(raw: bytes, *, base: int = 0, entry_size: int = abi.REGISTRY
         elif kind == abi.REG_VM_SPACE:
             reg.vm_spaces[ident] = (w[0], w[1])
         else:
-            reg.cursors[ident] = CursorView(
-                ident, w[0], bool(w[1]), w[2], w[3], w[4], w[5] & 0xFF, (w[5] >> 8) & 0xFF
-            )
+            reg.cursors[ident] = CursorView(ident, w[0], bool(w[1]), w[2], w[3], w[4], w[5] & 0xFF, (w[5] >> 8) & 0xFF)
     return reg
 
 
@@ -601,22 +599,29 @@ class _Refs:
         return {i: (frozenset(p), self.count[i]) for i, p in self.paths.items()}
 
 
-def _collect_refs(walk: TreeWalk, refs: _Refs, slot_count: int, sink: list[Anomaly]) -> None:
-    """Add this tree's references in OSTD's terms: the root itself (path ()), every leaf
-    (its entry's path) and every child table (the path of the entry pointing to it)."""
+# A root is named by path () but no PTE points at it: refs counts PTEs only, so a root adds 0
+# (model/store.py's convention: "a root: {()}, refs 0").
+ROOT_REFS = 0
 
-    def add(paddr: int, path: TreePath, level: int, entry_paddr: int, raw: int) -> None:
+
+def _collect_refs(walk: TreeWalk, refs: _Refs, slot_count: int, sink: list[Anomaly]) -> None:
+    """Add this tree's references in OSTD's terms: the root itself (path (), ROOT_REFS), every
+    leaf (its entry's path) and every child table (the path of the entry pointing to it).
+    A 2 MiB / 1 GiB leaf is attributed to the slot of its first frame only (OSTD user page
+    tables hold 4 KiB leaves only; `nodes` shows any huge leaf to the checker)."""
+
+    def add(paddr: int, path: TreePath, level: int, entry_paddr: int, raw: int, n: int = 1) -> None:
         index = paddr // PAGE_SIZE
         if index >= slot_count:
             why = f"target {paddr:#x} has no metadata slot ({slot_count} slots)"
             sink.append(Anomaly(AnomalyKind.NO_SLOT, why, walk.root, path, level, entry_paddr, raw))
             return
         refs.paths.setdefault(index, set()).add(path)
-        refs.count[index] = refs.count.get(index, 0) + 1
+        refs.count[index] = refs.count.get(index, 0) + n
 
     if walk.root not in walk.nodes:
         return
-    add(walk.root, (), LEVELS, walk.root, 0)
+    add(walk.root, (), LEVELS, walk.root, 0, ROOT_REFS)
     for node in walk.nodes.values():
         for i in _root_indices(node.level, walk.user_half):
             e = node.entries[i]
@@ -709,8 +714,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
         for vs, (root, cursor) in sorted(reg.vm_spaces.items())
     }
     leaked = {
-        vs: VmSpaceView(vs, root & ADDR_MASK, walks["leaked", vs].nodes)
-        for vs, root in sorted(reg.leaked.items())
+        vs: VmSpaceView(vs, root & ADDR_MASK, walks["leaked", vs].nodes) for vs, root in sorted(reg.leaked.items())
     }
     return State(
         slots=slots,
@@ -855,9 +859,7 @@ def _compare(qemu: Sequence[TlbLine | MemRange], ours: Sequence[TlbLine | MemRan
     return [LineDiff(k, q.get(k), o.get(k)) for k in sorted(q.keys() | o.keys()) if q.get(k) != o.get(k)]
 
 
-def compare_info_tlb(
-    qemu: Sequence[TlbLine], ours: Sequence[TlbLine], *, ignore_ad: bool = False
-) -> list[LineDiff]:
+def compare_info_tlb(qemu: Sequence[TlbLine], ours: Sequence[TlbLine], *, ignore_ad: bool = False) -> list[LineDiff]:
     """Entry-by-entry differences keyed by VA (empty: they agree). `ignore_ad` blanks the
     D and A letters on both sides (when the guest ran between the two reads)."""
     if ignore_ad:

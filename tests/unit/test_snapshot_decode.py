@@ -201,7 +201,7 @@ def test_read_state_paths_refs_and_views(mem: DictMemory) -> None:
     assert (f.refs, f.rc, f.usage, f.vt, f.sto, f.node) == (3, 4, Usage.FRAME, 2, (1, 0), None)
     assert (s.slot_of(G).paths, s.slot_of(G).refs) == (frozenset({(2, 0, 0, 5)}), 1)
     assert (s.slot_of(H).paths, s.slot_of(H).refs) == (frozenset(), 0)
-    assert (s.slot_of(R1).paths, s.slot_of(R1).refs) == (frozenset({()}), 1)
+    assert (s.slot_of(R1).paths, s.slot_of(R1).refs) == (frozenset({()}), 0)  # no PTE names a root
     assert s.slot_of(R1).node == NodeMeta(4, 1, False, 0)
     assert s.slot_of(R1).sto == (3, 4)
     assert s.slot_of(R1_L3).paths == frozenset({(0,)})
