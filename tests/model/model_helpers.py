@@ -74,7 +74,8 @@ class Run:
 
     def axioms(self) -> list[Violation]:
         assert self.last is not None
-        return check_axioms(*self.last)
+        before, op, result, after = self.last
+        return check_axioms(before, after, op, result)
 
 
 def mutate(after: State, index: int, **fields: object) -> State:
