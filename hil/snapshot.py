@@ -290,14 +290,6 @@ def translate(mem: PhysMemory, root: int, va: int) -> WalkTrace:
 
 # --- whole trees ------------------------------------------------------------------------
 @dataclass
-class _RawNode:
-    paddr: int
-    level: int
-    path: TreePath
-    entries: tuple[int, ...]  # raw, A/D included
-
-
-@dataclass
 class TreeWalk:
     """Every node reachable from `root` (OSTD and MMU agree on which, see the module doc).
     `nodes` entries have the A/D bits masked; `raw_entries` keeps them."""
