@@ -75,10 +75,7 @@ def op_pre(state: State, op: o.Op) -> bool:
     if isinstance(op, (o.FrameFromUnused, o.FrameFromInUse, o.SegmentFromUnused, o.UniqueFromUnused)):
         return True
     if isinstance(op, o.FrameDrop):
-        return (
-            op.frame in state.frames
-            and state.segment_cover_count(frame_to_index(state.frames[op.frame])) == 0
-        )
+        return op.frame in state.frames and state.segment_cover_count(frame_to_index(state.frames[op.frame])) == 0
     if isinstance(op, (o.SegmentDrop, o.SegmentNext)):
         return op.segment in state.segments
     if isinstance(op, o.SegmentSplit):
@@ -97,10 +94,7 @@ def op_pre(state: State, op: o.Op) -> bool:
         start, end = state.segments[op.segment]
         if op.start % PAGE_SIZE or op.end % PAGE_SIZE or not op.start < op.end <= end - start:
             return False
-        return all(
-            state.slot_of(p).rc + 1 <= REF_COUNT_MAX
-            for p in range(start + op.start, start + op.end, PAGE_SIZE)
-        )
+        return all(state.slot_of(p).rc + 1 <= REF_COUNT_MAX for p in range(start + op.start, start + op.end, PAGE_SIZE))
     if isinstance(op, (o.UniqueDrop, o.FromUnique)):
         return op.unique in state.uniques
     if isinstance(op, o.TryFromShared):
@@ -160,17 +154,13 @@ class Ctx:
 
     def full_all(self, clause: str, exclude: Iterable[int] = ()) -> list[Violation]:
         skip = set(exclude)
-        return [
-            diff(clause, i, self.b.slot(i), self.a.slot(i), "FULL(i) fails")
-            for i in sorted(self.ghost - skip)
-        ]
+        return [diff(clause, i, self.b.slot(i), self.a.slot(i), "FULL(i) fails") for i in sorted(self.ghost - skip)]
 
     def a_inv(self, clause: str) -> list[Violation]:
         if self._inv is None:
             self._inv = check_invariants(self.a, only=self.changed)
         return [
-            Violation(clause, v.slot, f"inv:{v.clause}", v.before, v.after, v.message, v.digest_only)
-            for v in self._inv
+            Violation(clause, v.slot, f"inv:{v.clause}", v.before, v.after, v.message, v.digest_only) for v in self._inv
         ]
 
     def slots_unchanged(self, clause: str) -> list[Violation]:
@@ -222,6 +212,13 @@ def diff(clause: str, i: int, b: Slot, a: Slot, message: str) -> Violation:
     return Violation(clause, i, field_, _fields(b, fields), _fields(a, fields), message)
 
 
+def rc_or_diff(clause: str, i: int, b: Slot, a: Slot, want_rc: int, message: str) -> Violation:
+    """Name `rc` when the rc is not the expected one, else the ghost fields that differ."""
+    if a.rc != want_rc:
+        return Violation(clause, i, "rc", b.rc, a.rc, f"{message} (expected rc {want_rc:#x})")
+    return diff(clause, i, b, a, message)
+
+
 def _fields(s: Slot, names: list[str]) -> object:
     vals = {n: getattr(s, n) for n in names}
     if "paths" in vals:
@@ -259,9 +256,7 @@ def _handle_added(ctx: Ctx, clause_id: str, table: str, paddr: int) -> list[Viol
     gone = [k for k in b if k not in a]
     if list(new.values()) == [paddr] and not gone:
         return []
-    return [
-        v(clause_id, frame_to_index(paddr), table, dict(b), dict(a), f"expected one new entry {{{paddr:#x}}}")
-    ]
+    return [v(clause_id, frame_to_index(paddr), table, dict(b), dict(a), f"expected one new entry {{{paddr:#x}}}")]
 
 
 def _table_same(ctx: Ctx, clause_id: str, *tables: str) -> list[Violation]:
@@ -300,9 +295,7 @@ def vs_new_2(ctx: Ctx) -> tuple[bool, list[Violation]]:
     if not ctx.ok:
         return False, []
     r = _root_index(ctx)
-    return True, (
-        [] if parked(ctx.b, r) else [v("VS-NEW-2", r, "slots", False, None, "root slot was not parked")]
-    )
+    return True, ([] if parked(ctx.b, r) else [v("VS-NEW-2", r, "slots", False, None, "root slot was not parked")])
 
 
 @clause("VS-NEW-3", VS, "A.slots == B.slots minus r")
@@ -658,9 +651,7 @@ def unmap_2(ctx: Ctx) -> tuple[bool, list[Violation]]:
 @clause("UNMAP-3", (o.Unmap,), "forall i not in B.slots: FULL(i)", digest_only=True)
 def unmap_3(ctx: Ctx) -> tuple[bool, list[Violation]]:
     out = [
-        Violation(
-            "UNMAP-3", i, "FULL", ctx.b.slot(i).ghost(), ctx.a.slot(i).ghost(), "unparked slot changed", True
-        )
+        Violation("UNMAP-3", i, "FULL", ctx.b.slot(i).ghost(), ctx.a.slot(i).ghost(), "unparked slot changed", True)
         for i in sorted(unparked(ctx.b) & ctx.ghost)
     ]
     return bool(unparked(ctx.b)), out
@@ -686,9 +677,7 @@ def unmap_4(ctx: Ctx) -> tuple[bool, list[Violation]]:
         )
         for good, msg in checks:
             if not good:
-                out.append(
-                    v("UNMAP-4", i, "rc/paths", (b.rc, pb), (a.rc, pa), f"{msg} (refs {b.refs} -> {a.refs})")
-                )
+                out.append(v("UNMAP-4", i, "rc/paths", (b.rc, pb), (a.rc, pa), f"{msg} (refs {b.refs} -> {a.refs})"))
     return True, out
 
 
@@ -735,9 +724,7 @@ def fu_1(ctx: Ctx) -> tuple[bool, list[Violation]]:
     assert isinstance(ctx.op, o.FrameFromUnused)
     if valid_frame_paddr(ctx.op.paddr):
         return False, []
-    return True, (
-        [] if not ctx.ok else [v("FU-1", None, "result", None, ctx.res, "Some for an invalid paddr")]
-    )
+    return True, ([] if not ctx.ok else [v("FU-1", None, "result", None, ctx.res, "Some for an invalid paddr")])
 
 
 @clause("FU-2", FRU, "None => A.regions == B.regions")
@@ -859,9 +846,7 @@ def fd_pre(ctx: Ctx) -> tuple[bool, list[Violation]]:
     if not 0 < s.rc <= REF_COUNT_MAX:
         out.append(v("FD-pre", t, "rc", s.rc, None, "B.rc not in 1..=MAX"))
     if s.rc == 1 and (s.sto is None or s.inl != 0 or s.paths):
-        out.append(
-            v("FD-pre", t, "sto/inl/paths", (s.sto, s.inl, sorted(s.paths)), None, "rc 1 but not droppable")
-        )
+        out.append(v("FD-pre", t, "sto/inl/paths", (s.sto, s.inl, sorted(s.paths)), None, "rc 1 but not droppable"))
     return True, out
 
 
@@ -908,9 +893,7 @@ def fd_4(ctx: Ctx) -> tuple[bool, list[Violation]]:
 def fd_s(ctx: Ctx) -> tuple[bool, list[Violation]]:
     assert isinstance(ctx.op, o.FrameDrop)
     want = {k: p for k, p in ctx.b.frames.items() if k != ctx.op.frame}
-    return True, (
-        [] if want == dict(ctx.a.frames) else [v("FD-S", None, "frames", want, dict(ctx.a.frames), "")]
-    )
+    return True, ([] if want == dict(ctx.a.frames) else [v("FD-S", None, "frames", want, dict(ctx.a.frames), "")])
 
 
 # --- 3.8 segments and unique frames ----------------------------------------------------------------
@@ -946,7 +929,7 @@ def seg_drop(ctx: Ctx) -> tuple[bool, list[Violation]]:
         b, a = ctx.b.slot(i), ctx.a.slot(i)
         want = REF_COUNT_UNUSED if b.rc == 1 else b.rc - 1
         if a.rc != want or (b.usage, b.paths, b.inl) != (a.usage, a.paths, a.inl):
-            out.append(diff("SEG-DROP", i, b, a, f"expected rc {want:#x}, usage/paths/inl same"))
+            out.append(rc_or_diff("SEG-DROP", i, b, a, want, "expected usage/paths/inl same"))
     return True, out
 
 
@@ -963,7 +946,7 @@ def _seg_rc_plus(ctx: Ctx, cid: str, start: int, end: int) -> list[Violation]:
     for i in sorted(pages):
         b, a = ctx.b.slot(i), ctx.a.slot(i)
         if a.rc != b.rc + 1 or b.ghost()[1:] != a.ghost()[1:]:
-            out.append(diff(cid, i, b, a, "covered page: rc + 1, other fields same"))
+            out.append(rc_or_diff(cid, i, b, a, b.rc + 1, "covered page: rc + 1, other fields same"))
     return out
 
 
@@ -985,9 +968,7 @@ def seg_split(ctx: Ctx) -> tuple[bool, list[Violation]]:
     return True, _regions_same(ctx, "SEG-SPLIT")
 
 
-@clause(
-    "U-NEW", (o.UniqueFromUnused,), "guard (valid, parked, usage Unused, UNUSED): Some => Frame UNIQUE ..."
-)
+@clause("U-NEW", (o.UniqueFromUnused,), "guard (valid, parked, usage Unused, UNUSED): Some => Frame UNIQUE ...")
 def u_new(ctx: Ctx) -> tuple[bool, list[Violation]]:
     assert isinstance(ctx.op, o.UniqueFromUnused)
     p = ctx.op.paddr
@@ -1020,13 +1001,9 @@ def u_drop(ctx: Ctx) -> tuple[bool, list[Violation]]:
     assert isinstance(ctx.op, o.UniqueDrop)
     t = frame_to_index(ctx.b.uniques[ctx.op.unique])
     b, a = ctx.b.slot(t), ctx.a.slot(t)
-    if (
-        b.rc == REF_COUNT_UNIQUE
-        and a.rc == REF_COUNT_UNUSED
-        and (b.usage, b.paths, b.inl) == (a.usage, a.paths, a.inl)
-    ):
+    if b.rc == REF_COUNT_UNIQUE and a.rc == REF_COUNT_UNUSED and (b.usage, b.paths, b.inl) == (a.usage, a.paths, a.inl):
         return True, []
-    return True, [diff("U-DROP", t, b, a, "expected UNIQUE -> UNUSED, usage/paths/inl same")]
+    return True, [rc_or_diff("U-DROP", t, b, a, REF_COUNT_UNUSED, "expected UNIQUE -> UNUSED, usage/paths/inl same")]
 
 
 @clause("FROM-UNIQUE", (o.FromUnique,), "rc UNIQUE -> 1; usage, paths, inl, sto unchanged")
@@ -1034,13 +1011,9 @@ def from_unique(ctx: Ctx) -> tuple[bool, list[Violation]]:
     assert isinstance(ctx.op, o.FromUnique)
     t = frame_to_index(ctx.b.uniques[ctx.op.unique])
     b, a = ctx.b.slot(t), ctx.a.slot(t)
-    if (
-        b.rc == REF_COUNT_UNIQUE
-        and a.rc == 1
-        and (b.usage, b.paths, b.inl, b.sto) == (a.usage, a.paths, a.inl, a.sto)
-    ):
+    if b.rc == REF_COUNT_UNIQUE and a.rc == 1 and (b.usage, b.paths, b.inl, b.sto) == (a.usage, a.paths, a.inl, a.sto):
         return True, []
-    return True, [diff("FROM-UNIQUE", t, b, a, "expected UNIQUE -> 1, usage/paths/inl/sto same")]
+    return True, [rc_or_diff("FROM-UNIQUE", t, b, a, 1, "expected UNIQUE -> 1, usage/paths/inl/sto same")]
 
 
 @clause("TRY-FROM-SHARED", (o.TryFromShared,), "rc 1 -> UNIQUE, others unchanged; else nothing changes")
@@ -1052,7 +1025,7 @@ def try_from_shared(ctx: Ctx) -> tuple[bool, list[Violation]]:
         return True, _regions_same(ctx, "TRY-FROM-SHARED")
     out = ctx.full_all("TRY-FROM-SHARED", exclude=[t])
     if a.rc != REF_COUNT_UNIQUE or b.ghost()[1:] != a.ghost()[1:]:
-        out.append(diff("TRY-FROM-SHARED", t, b, a, "expected rc 1 -> UNIQUE, other fields same"))
+        out.append(rc_or_diff("TRY-FROM-SHARED", t, b, a, REF_COUNT_UNIQUE, "expected rc 1 -> UNIQUE, others same"))
     return True, out
 
 

@@ -93,3 +93,20 @@ def test_import_model_without_hil() -> None:
         "assert not any(m == 'hil' or m.startswith(('hil.', 'pygdbmi', 'pexpect')) for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+def test_generated_ops_replay_from_repr_and_json() -> None:
+    from model import ops as o
+    from model.types import CachePolicy, PageProperty, PropTransform
+
+    rng = random.Random(3)
+    run = Run()
+    env = {**{c.__name__: c for c in o.OP_CLASSES.values()}, "PageProperty": PageProperty,
+           "CachePolicy": CachePolicy, "PropTransform": PropTransform}  # fmt: skip
+    for _ in range(200):
+        op = random_op(rng, run.state)
+        assert eval(repr(op), env) == op  # noqa: S307 - valid-Python repr
+        assert o.loads(o.dumps(op)) == op
+        run.do(op)
+        if run.last and run.last[2].status.name == "PANIC":
+            run.state = BASE
