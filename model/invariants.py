@@ -269,9 +269,7 @@ def structural_inv(state: State, only: Iterable[int] | None = None) -> list[Viol
             continue
         s = state.slot_of(p)
         if s.usage != Usage.FRAME or s.rc != REF_COUNT_UNIQUE or s.inl != 0 or s.paths:
-            out.append(
-                Violation("S17", frame_to_index(p), "slot", None, s, f"unique {uid}: slot not UNIQUE Frame")
-            )
+            out.append(Violation("S17", frame_to_index(p), "slot", None, s, f"unique {uid}: slot not UNIQUE Frame"))
         if p in seen:
             out.append(Violation("S18", frame_to_index(p), "uniques", None, (seen[p], uid), "two uniques"))
         seen[p] = uid

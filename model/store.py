@@ -277,9 +277,7 @@ class _Tx:
         meta = dataclasses.replace(s.node, nr_children=s.node.nr_children + delta)
         self.put_slot(frame_to_index(paddr), dataclasses.replace(s, node=meta))
 
-    def leaf_in(
-        self, tree: VmSpaceView, nodes: dict[int, PageTableNode] | None, path: TreePath
-    ) -> int | None:
+    def leaf_in(self, tree: VmSpaceView, nodes: dict[int, PageTableNode] | None, path: TreePath) -> int | None:
         """The paddr a leaf PTE at `path` in `tree` points to, or None."""
         table = nodes if nodes is not None else tree.nodes
         node = table.get(tree.root)
@@ -306,9 +304,7 @@ class _Tx:
         """A leaf PTE at `path` of tree `vs` stopped being walked (already cleared/detached)."""
         i = frame_to_index(paddr)
         s = self.slot(i)
-        still = any(
-            other != vs and self.leaf_in(t, self.nodes.get(other), path) == paddr for other, t in self.trees()
-        )
+        still = any(other != vs and self.leaf_in(t, self.nodes.get(other), path) == paddr for other, t in self.trees())
         paths = s.paths if still else s.paths - {path}
         self.put_slot(i, dataclasses.replace(s, paths=paths, refs=s.refs - 1))
 
@@ -341,9 +337,7 @@ class _Tx:
         else:
             self.put_slot(i, dataclasses.replace(s, rc=s.rc - 1))
 
-    def alloc_node(
-        self, alloc: Callable[[int], int], vs: int, parent: PageTableNode, index: int
-    ) -> PageTableNode:
+    def alloc_node(self, alloc: Callable[[int], int], vs: int, parent: PageTableNode, index: int) -> PageTableNode:
         level = parent.level - 1
         try:
             paddr = alloc(level)
@@ -369,8 +363,7 @@ class _Tx:
             for k, v in self.vm_spaces.items()
         }
         leaked = {
-            k: (dataclasses.replace(v, nodes=self.nodes[k]) if k in self.nodes else v)
-            for k, v in self.leaked.items()
+            k: (dataclasses.replace(v, nodes=self.nodes[k]) if k in self.nodes else v) for k, v in self.leaked.items()
         }
         return dataclasses.replace(
             self.base, slots=self.slots, vm_spaces=vm_spaces, leaked=leaked, cursors=self.cursors,
@@ -610,9 +603,7 @@ def _open_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     if view.cursor:
         raise _Err(ErrorCode.CURSOR_BUSY)
     _registry_room(tx.base, 1)
-    if not (
-        op.start < op.end and op.start % PAGE_SIZE == 0 and op.end % PAGE_SIZE == 0 and op.end <= USER_VA_END
-    ):
+    if not (op.start < op.end and op.start % PAGE_SIZE == 0 and op.end % PAGE_SIZE == 0 and op.end <= USER_VA_END):
         raise _Err(ErrorCode.ACCESS_DENIED)
     cid = tx.fresh_id("cursor")
     tx.cursors[cid] = CursorView(cid, op.vs, isinstance(op, o.OpenCursorMut), op.start, op.end, op.start,
