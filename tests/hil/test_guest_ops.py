@@ -167,10 +167,13 @@ def test_query_bumps_rc_and_returns_a_handle(fresh: Session) -> None:
     assert PageProperty.decode(res.get("prop")).cache == CachePolicy.WRITETHROUGH
     assert after.slot_of(paddr).rc == before.slot_of(paddr).rc + 1
     assert after.frames[res.get("frame")] == paddr
-    # an absent VA: the whole slot at the level where the walk stopped
-    ok(s, m.Jump(cursor=c, va=3 * GIB))
+    # an absent VA: the whole slot at the level where the walk stopped (§5.4)
+    ok(s, m.Jump(cursor=c, va=3 * GIB + 0x5000))  # root entry 0 present, level-3 entry 3 absent
     res = ok(s, m.Query(cursor=c))
-    assert res.get("present") == 0 and (res.get("start"), res.get("end")) == (0, 1 << 39)
+    assert res.get("present") == 0 and (res.get("start"), res.get("end")) == (3 * GIB, 4 * GIB)
+    ok(s, m.Jump(cursor=c, va=(5 << 39) + 0x5000))  # root entry 5 absent
+    res = ok(s, m.Query(cursor=c))
+    assert res.get("present") == 0 and (res.get("start"), res.get("end")) == (5 << 39, 6 << 39)
 
 
 def test_unmap_of_a_1gib_range_frees_the_whole_subtree(fresh: Session) -> None:
@@ -183,7 +186,11 @@ def test_unmap_of_a_1gib_range_frees_the_whole_subtree(fresh: Session) -> None:
     mid = s.snapshot()
     nodes = set(mid.vm_spaces[vs].nodes) - {mid.vm_spaces[vs].root}
     assert len(nodes) == 1 + 1 + 3
+    # jump keeps the level (§5.6): first leave the 1 GiB slot so the cursor pops to level 3,
+    # then the unmap starts at the level-3 entry whose whole slot lies in the range (§5.8)
+    ok(s, m.Jump(cursor=c, va=0))
     ok(s, m.Jump(cursor=c, va=GIB))
+    assert s.snapshot().cursors[c].level == 3
     res = ok(s, m.Unmap(cursor=c, len=GIB))
     assert res.get("num") == 3
     after = s.snapshot(mid)
