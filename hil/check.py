@@ -238,8 +238,16 @@ def check_axioms(
     return out
 
 
-def check_invariants(index: int, state: State, only: Iterable[int] | None = None) -> list[Finding]:
-    found = invariants.check_invariants(state, only=None if only is None else set(only))
+def check_invariants(
+    index: int, state: State, only: Iterable[int] | None = None, before: State | None = None
+) -> list[Finding]:
+    """Violations on `state` (over the slots in `only`, or all). With `before`, only those that
+    are new at this op: a violation that persists is reported once, where it appeared."""
+    scope = None if only is None else set(only)
+    found = invariants.check_invariants(state, only=scope)
+    if before is not None and found:
+        old = {(v.clause, v.slot, v.field) for v in invariants.check_invariants(before, only=scope)}
+        found = [v for v in found if (v.clause, v.slot, v.field) not in old]
     return [_violation_finding(Kind.INVARIANT, index, v) for v in found]
 
 

@@ -104,7 +104,7 @@ class Runner:
                     index, op, before, after, obs.result, predicted, predicted_result,
                     impl_clean=not findings, coverage=self.coverage,
                 )  # fmt: skip
-                findings += check.check_invariants(index, after, only=changed_slots(before, after))
+                findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
             t4 = time.perf_counter()
             self.stats.model_s += t3 - t2
             self.stats.check_s += t4 - t3
