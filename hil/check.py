@@ -207,6 +207,14 @@ def diff_states(index: int, before: State, guest: State, model: State) -> list[F
     return out
 
 
+def snapshot_anomalies(index: int, before: State, after: State) -> list[Finding]:
+    """What the walker or the decoders could not make sense of (a PTE pointing outside RAM, a
+    node shared inside one tree, a bad type word...): never dropped silently."""
+    old = {str(a) for a in before.anomalies}
+    return [Finding(Kind.IMPL, index, "SNAPSHOT", "anomaly", message=str(a))
+            for a in after.anomalies if str(a) not in old]  # fmt: skip
+
+
 # --- (2) the spec's postconditions, (3) the invariants --------------------------------------
 
 

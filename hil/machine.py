@@ -100,7 +100,10 @@ class Machine:
     profile: Profile
     image: Path = DEFAULT_IMAGE
     shared_ram: bool = True
-    tag: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(4)}")
+    # HIL_RUN_TAG groups the machines of one run (a test session, a nightly) for leak census
+    tag: str = field(
+        default_factory=lambda: f"{os.environ.get('HIL_RUN_TAG', 'r')}-{os.getpid()}-{secrets.token_hex(4)}"
+    )
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
 
@@ -272,8 +275,10 @@ def _clean_hmp(raw: bytes, command: str) -> str:
     return "\n".join(lines)
 
 
-def leftover_processes() -> list[int]:
-    """PIDs of QEMU processes started by any ostd-hil machine that are still running."""
+def leftover_processes(run_tag: str = "") -> list[int]:
+    """PIDs of QEMU processes started by ostd-hil machines (of run `run_tag`, if given) that
+    are still running."""
+    marker = f"{RUN_PREFIX}{run_tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -282,7 +287,7 @@ def leftover_processes() -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if cmd.startswith(QEMU_BINARY.encode()) and RUN_PREFIX.encode() in cmd and _pid_alive(int(entry.name)):
+        if cmd.startswith(QEMU_BINARY.encode()) and marker in cmd and _pid_alive(int(entry.name)):
             try:
                 state = (entry / "stat").read_text().split()[2]
             except (OSError, IndexError):
@@ -292,5 +297,6 @@ def leftover_processes() -> list[int]:
     return pids
 
 
-def leftover_files() -> list[Path]:
-    return sorted(SHM_DIR.glob(f"{RUN_PREFIX}*")) + sorted(Path("/tmp").glob(f"{RUN_PREFIX}*"))
+def leftover_files(run_tag: str = "") -> list[Path]:
+    pattern = f"{RUN_PREFIX}{run_tag}*"
+    return sorted(SHM_DIR.glob(pattern)) + sorted(Path("/tmp").glob(pattern))

@@ -64,7 +64,10 @@ class Runner:
         """Boot and check the invariants of the boot state (op index -1)."""
         self.session.boot()
         self.state = self.session.snapshot()
-        return check.check_invariants(-1, self.state) if self.check_enabled else []
+        if not self.check_enabled:
+            return []
+        empty = dataclasses.replace(self.state, anomalies=())
+        return check.snapshot_anomalies(-1, empty, self.state) + check.check_invariants(-1, self.state)
 
     def _reboot(self) -> None:
         self.session.reset()
@@ -96,6 +99,7 @@ class Runner:
                 predicted_result = m.OpResult(UNPREDICTED_STATUS[type(op)], obs.result.code, obs.result.values)
                 predicted = dataclasses.replace(before, parent=before, changed=frozenset())
             t3 = time.perf_counter()
+            findings += check.snapshot_anomalies(index, before, after)
             findings += check.diff_results(index, op, obs.result, predicted_result)
             if obs.result.status != m.Status.EXCEPTION:
                 findings += check.diff_states(index, before, after, predicted)

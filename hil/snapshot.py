@@ -720,6 +720,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
         kernel_root=layout.kernel_root,
         kernel_upper=read_kernel_upper(mem, layout.kernel_root),
         nr_slots=layout.slot_count,
+        registry_capacity=layout.registry_entries,
         parent=prev,
         changed=frozenset(changed) if changed is not None else None,
         anomalies=tuple(anomalies),

@@ -5,17 +5,45 @@ path; a leak fails the suite."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hil.machine import leftover_files, leftover_processes
 
+# every machine this test session starts (in this process or in `hil` subprocesses) carries
+# this tag, so a concurrent run on the same machine is not counted as our leak
+RUN_TAG = f"t{os.getpid()}"
+os.environ["HIL_RUN_TAG"] = RUN_TAG
+
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks():
-    before_pids = set(leftover_processes())
-    before_files = set(leftover_files())
+    before_pids = set(leftover_processes(RUN_TAG))
+    before_files = set(leftover_files(RUN_TAG))
     yield
-    leaked_pids = set(leftover_processes()) - before_pids
-    leaked_files = set(leftover_files()) - before_files
+    leaked_pids = set(leftover_processes(RUN_TAG)) - before_pids
+    leaked_files = set(leftover_files(RUN_TAG)) - before_files
     assert not leaked_pids, f"QEMU processes left running: {sorted(leaked_pids)}"
     assert not leaked_files, f"files left behind: {sorted(map(str, leaked_files))}"
+
+
+@pytest.fixture
+def run_events_fn():
+    """Boot a guest, run a list of events with all checks, return every finding (used by the
+    regression and findings cases written by `hil shrink`)."""
+    from hil.run import Runner
+    from hil.session import Session
+
+    def run(events):
+        session = Session()
+        runner = Runner(session)
+        try:
+            runner.start()
+            for event in events:
+                runner.step(event)
+            return [f for r in runner.records for f in r.findings]
+        finally:
+            session.close()
+
+    return run
