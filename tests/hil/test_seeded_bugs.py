@@ -1,0 +1,47 @@
+"""The seeded-bug build flag: a separate build with one plausible kernel mistake compiled in
+is caught by the checker as an IMPL finding, and the default build is untouched by it.
+(The full mutation table is issue 7's; this proves the flag and the pipeline end to end.)"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hil.check import Kind
+from hil.run import Runner
+from hil.session import Session
+from hil.workload import Workload
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build(tmp: Path, bug: int) -> Path:
+    out = tmp / f"bug{bug}"
+    subprocess.run(["make", "-s", "-C", str(REPO / "guest"), f"B={out}", f"SEEDED_BUG={bug}"], check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    return out / "kernel.elf"
+
+
+@pytest.mark.parametrize("bug, clause, field", [(3, "SLOT", "rc"), (4, "SLOT", "node"), (5, "SLOT", "rc")])
+def test_seeded_bug_is_caught(tmp_path: Path, bug: int, clause: str, field: str | None) -> None:
+    default_elf = REPO / "guest" / "build" / "kernel.elf"
+    default_bytes = default_elf.read_bytes()
+    session = Session(image=build(tmp_path, bug))
+    runner = Runner(session)
+    impl = []
+    try:
+        runner.start()
+        assert session.layout is not None and session.layout.seeded_bug == bug
+        workload = Workload(1, session.layout)
+        for _ in range(800):
+            assert runner.state is not None
+            impl = [f for f in runner.step(workload(runner.state)).findings if f.kind == Kind.IMPL]
+            if impl:
+                break
+    finally:
+        session.close()
+    assert impl, f"seeded bug {bug} went unnoticed"
+    assert any(f.clause == clause and field in (None, f.field) for f in impl), [f.describe() for f in impl]
+    assert default_elf.read_bytes() == default_bytes, "the seeded build touched the default build"
