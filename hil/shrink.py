@@ -164,27 +164,28 @@ def shrink(
 
 def regression_test_source(events: Sequence[Event], finding: Finding, name: str) -> str:
     """A pytest case that replays the minimal trace and asserts the finding still appears."""
-    body = ",\n        ".join(repr(e) for e in events)
+    from model import types as t
+
+    op_names = sorted({type(e).__name__ for e in events if isinstance(e, m.Op)})
+    body = "".join(f"    {e!r},\n" for e in events)
+    type_names = sorted(n for n in ("PageProperty", "CachePolicy", "PropTransform") if n in body)
+    imports = ["import pytest", ""]
+    if any(isinstance(e, Poke) for e in events):
+        imports.append("from hil.trace import Poke")
+    if op_names:
+        imports.append(f"from model.ops import {', '.join(op_names)}")
+    if type_names:
+        imports.append(f"from model.types import {', '.join(type_names)}")
+    assert all(hasattr(t, n) for n in type_names)
     sig = finding.signature()
-    return f'''"""Regression: {finding.describe()}"""
-
-import pytest
-
-from hil.trace import Poke  # noqa: F401
-from model.ops import *  # noqa: F403
-from model.types import *  # noqa: F403
-
-pytestmark = pytest.mark.hil
-
-EVENTS = [
-        {body},
-]
-
-
-def test_{name}(run_events_fn):
-    findings = run_events_fn(EVENTS)
-    assert any(f.signature() == {sig!r} for f in findings), findings
-'''
+    return (
+        f'"""Regression: {finding.describe()}"""\n\n' + "\n".join(imports) + "\n\n"
+        "pytestmark = pytest.mark.hil\n\n"
+        f"EVENTS = [\n{body}]\n\n\n"
+        f"def test_{name}(run_events_fn):\n"
+        "    findings = run_events_fn(EVENTS)\n"
+        f"    assert any(f.signature() == {sig!r} for f in findings), findings\n"
+    )
 
 
 __all__ = ["Poke", "ddmin", "regression_test_source", "run_events", "shrink", "symbolize"]

@@ -112,3 +112,17 @@ def test_ddmin_finds_a_one_minimal_failing_subset() -> None:
     out = ddmin(items, fails)  # type: ignore[arg-type]
     assert out == [7, 31]
     assert len(calls) < 60
+
+
+def test_regression_source_is_runnable_python() -> None:
+    from hil.shrink import regression_test_source
+    from model.types import CachePolicy, PageProperty
+
+    events = [m.NewVmSpace(), m.Map(cursor=1, frame=1, prop=PageProperty(1, CachePolicy.WRITETHROUGH, 1)),
+              Poke(0x1000, b"\x05")]  # fmt: skip
+    f = check.Finding(Kind.SPEC, 1, "MAP-2", "rc")
+    src = regression_test_source(events, f, "map_two")
+    ns: dict[str, object] = {}
+    exec(compile(src, "regression.py", "exec"), ns)
+    assert ns["EVENTS"] == events
+    assert callable(ns["test_map_two"])
