@@ -297,6 +297,24 @@ def leftover_processes(run_tag: str = "") -> list[int]:
     return pids
 
 
+def leftover_gdbs(run_tag: str) -> list[int]:
+    """PIDs of gdb processes started by the harness under HIL_RUN_TAG `run_tag` still running."""
+    want = f"HIL_RUN_TAG={run_tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except (OSError, IndexError):
+            continue
+        if cmd and Path(cmd[0].decode(errors="replace")).name == "gdb" and want in env and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 def leftover_files(run_tag: str = "") -> list[Path]:
     pattern = f"{RUN_PREFIX}{run_tag}*"
     return sorted(SHM_DIR.glob(pattern)) + sorted(Path("/tmp").glob(pattern))

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from hil.machine import leftover_files, leftover_processes
+from hil.machine import leftover_files, leftover_gdbs, leftover_processes
 
 # every machine this test session starts (in this process or in `hil` subprocesses) carries
 # this tag, so a concurrent run on the same machine is not counted as our leak
@@ -19,11 +19,14 @@ os.environ["HIL_RUN_TAG"] = RUN_TAG
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks():
+    before_gdbs = set(leftover_gdbs(RUN_TAG))
     before_pids = set(leftover_processes(RUN_TAG))
     before_files = set(leftover_files(RUN_TAG))
     yield
     leaked_pids = set(leftover_processes(RUN_TAG)) - before_pids
     leaked_files = set(leftover_files(RUN_TAG)) - before_files
+    leaked_gdbs = set(leftover_gdbs(RUN_TAG)) - before_gdbs
+    assert not leaked_gdbs, f"gdb processes left running: {sorted(leaked_gdbs)}"
     assert not leaked_pids, f"QEMU processes left running: {sorted(leaked_pids)}"
     assert not leaked_files, f"files left behind: {sorted(map(str, leaked_files))}"
 

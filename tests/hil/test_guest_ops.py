@@ -399,3 +399,29 @@ def test_dropped_vm_space_leaks_its_table_and_keeps_being_walked(fresh: Session)
     assert vs not in after.vm_spaces and vs in after.leaked
     assert after.slot_of(paddr) == before.slot_of(paddr)
     assert len(walk_tree(s.memory, after.leaked[vs].root).nodes) == 4  # type: ignore[arg-type]
+
+
+def test_random_raw_requests_never_crash_or_hang(fresh: Session) -> None:
+    """Arbitrary op codes and argument words: the guest answers every one (no hang, no triple
+    fault); only probe / raise_fault may end in a CPU exception."""
+    import random
+
+    from hil import abi
+
+    s = fresh
+    assert s.layout is not None
+    rng = random.Random(5)
+    words = [0, 1, 2, 3, 7, 0xFFF, 0x1000, 0x20_0000, 1 << 30, 1 << 39, (1 << 47) - 0x1000, 1 << 47, 2**63,
+             2**64 - 1, s.layout.data_pool_start, s.layout.kernel_root, s.layout.meta_base, 0x404]  # fmt: skip
+    allowed_exception = {abi.SPEC_BY_CLASS[m.Probe].code, abi.SPEC_BY_CLASS[m.RaiseFault].code}
+    statuses: dict[str, int] = {}
+    for _ in range(400):
+        code = rng.randrange(0, abi.OP_SPECS[-1].code + 4)
+        resp = s.apply_raw(code, [rng.choice(words) for _ in range(abi.NR_ARGS)])
+        statuses[resp.status.name] = statuses.get(resp.status.name, 0) + 1
+        assert resp.status in (m.Status.OK, m.Status.ERR, m.Status.PANIC) or (
+            resp.status == m.Status.EXCEPTION and code in allowed_exception
+        ), (code, resp)
+        if resp.status in (m.Status.PANIC, m.Status.EXCEPTION):
+            s.reset()
+    assert statuses.get("OK", 0) > 20 and statuses.get("ERR", 0) > 100, statuses
