@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from hil import check
 from hil.check import Finding, Kind
+from hil.errors import InfraError
 from hil.session import Session
 from hil.trace import Event, Poke, Record, TraceWriter
 from model import axioms, store
@@ -30,6 +31,7 @@ class Stats:
     statuses: Counter[str] = field(default_factory=Counter)
     findings: Counter[tuple[str, str]] = field(default_factory=Counter)
     reboots: int = 0
+    infra_retries: int = 0
     started: float = field(default_factory=time.monotonic)
     drive_s: float = 0.0
     snapshot_s: float = 0.0
@@ -139,6 +141,7 @@ class Runner:
         found: list[Finding] = []
         source = iter(events) if not callable(events) else None
         n = 0
+        last_retry = -1
         while count is None or n < count:
             assert self.state is not None
             if source is not None:
@@ -148,7 +151,19 @@ class Runner:
                 event = events(self.state)
             if event is None:
                 break
-            rec = self.step(event)
+            try:
+                rec = self.step(event)
+            except InfraError as exc:
+                # a generated workload goes on from a fresh machine (once in a row); a fixed event
+                # list cannot (later events name objects the lost op created): re-raise
+                if source is not None or last_retry == n:
+                    raise
+                self.stats.infra_retries += 1
+                last_retry = n
+                if self.writer is not None:
+                    self.writer.note("infra-retry", index=self.index - 1, error=exc.what)
+                self._reboot()
+                continue
             n += 1
             found += rec.findings
             if on_step:

@@ -71,6 +71,7 @@ class Trace:
     header: dict[str, Any]
     records: list[Record]
     end: dict[str, Any] | None
+    notes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def events(self) -> list[Event]:
@@ -114,6 +115,10 @@ class TraceWriter:
         line["findings"] = [f.to_json() for f in findings]
         self._write(line)
 
+    def note(self, what: str, **extra: Any) -> None:
+        """A harness event that is not an op (e.g. an infrastructure retry)."""
+        self._write({"type": "note", "what": what, **extra})
+
     def close(self, status: str, **extra: Any) -> None:
         if self._fh is None:
             return
@@ -138,6 +143,7 @@ def read_trace(path: Path) -> Trace:
     records: list[Record] = []
     header: dict[str, Any] | None = None
     end: dict[str, Any] | None = None
+    notes: list[dict[str, Any]] = []
     for n, line in enumerate(lines, 1):
         try:
             obj = json.loads(line)
@@ -157,6 +163,8 @@ def read_trace(path: Path) -> Trace:
             raise TraceError(f"{path}:{n}: records after the end line")
         if kind == "end":
             end = obj
+        elif kind == "note":
+            notes.append(obj)
         elif kind == "event":
             try:
                 event = event_from_json(obj["event"])
@@ -169,7 +177,7 @@ def read_trace(path: Path) -> Trace:
         else:
             raise TraceError(f"{path}:{n}: unknown record type {kind!r}")
     assert header is not None
-    return Trace(header, records, end)
+    return Trace(header, records, end, notes)
 
 
 def iter_events(trace: Trace) -> Iterator[Event]:

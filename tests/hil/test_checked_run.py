@@ -182,3 +182,35 @@ def test_bad_traces_are_clear_errors(tmp_path: Path) -> None:
 def test_findings_serialise() -> None:
     f = Finding(Kind.SPEC, 3, "MAP-2", "rc", slot=5, before=1, guest=2, model=2)
     assert Finding.from_json(json.loads(json.dumps(f.to_json()))) == f
+
+
+def test_qemu_killed_mid_run_is_retried_once_on_a_fresh_machine(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    session = Session()
+    writer = TraceWriter(tmp_path / "k.jsonl", {"seed": 2, "started": "x"})
+    runner = Runner(session, writer)
+    calls = 0
+    try:
+        runner.start()
+        assert session.layout is not None
+        workload = Workload(2, session.layout)
+
+        def killing(state):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 30:
+                assert session.machine is not None and session.machine.pid is not None
+                os.kill(session.machine.pid, signal.SIGKILL)
+            return workload(state)
+
+        runner.run(killing, count=60)
+    finally:
+        session.close()
+        writer.close("complete")
+    assert runner.stats.infra_retries == 1 and runner.stats.reboots >= 1
+    assert runner.stats.total_ops == 60
+    trace = read_trace(tmp_path / "k.jsonl")
+    assert [n["what"] for n in trace.notes] == ["infra-retry"]
+    assert not [f for f in trace.findings if f.kind == Kind.IMPL]
