@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from hil.errors import AbiError, ConfigError, HilError, InfraError
@@ -56,7 +55,8 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
         per = lambda s: f"{1e6 * s / n:.0f} us"  # noqa: E731
         out.append(f"{n} ops, {st.rate():.1f} ops/s; per op: drive {per(st.drive_s)}, snapshot "
                    f"{per(st.snapshot_s)}, model {per(st.model_s)}, check {per(st.check_s)}; "
-                   f"{st.reboots} reboots; boot-state findings {boot_findings}\n")  # fmt: skip
+                   f"{st.reboots} reboots, {st.infra_retries} infrastructure retries; "
+                   f"boot-state findings {boot_findings}\n")  # fmt: skip
     if trace_path:
         out.append(f"trace: {trace_path}\n")
     return "\n".join(out)
@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(session, writer, stop_on_finding=args.stop_on_finding)
     status = "interrupted"
     findings_total = 0
+    boot_findings: list = []
     t_last = 0.0
     try:
         boot_findings = runner.start()
@@ -147,7 +148,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_shrink(args: argparse.Namespace) -> int:
     from hil.shrink import regression_test_source, shrink
-    from hil.trace import Poke
 
     trace = read_trace(Path(args.trace))
     image = Path(args.image or trace.header.get("image") or DEFAULT_IMAGE)
@@ -176,7 +176,6 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(regression_test_source(events, finding, name))
         print(f"regression test: {path}")
-    _ = Poke
     return EXIT_FINDINGS
 
 
@@ -224,4 +223,3 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-_ = Counter
