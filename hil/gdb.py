@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 from pygdbmi import gdbmiparser
 
 from hil.errors import InfraError, timeout_scale
+from hil.proc import end_process
 
 GDB_BINARY = "gdb"
 
@@ -208,17 +208,15 @@ class Gdb:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        stdin = proc.stdin
+
+        def ask() -> None:
+            if stdin is not None:
+                stdin.write(b"-gdb-exit\n")
+                stdin.flush()
+
         try:
-            if proc.poll() is None and proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.write(b"-gdb-exit\n")
-                    proc.stdin.flush()
-                try:
-                    proc.wait(timeout=grace_s * timeout_scale())
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+            end_process(proc, grace_s, ask)
         finally:
             with contextlib.suppress(Exception):
                 self._sel.close()
@@ -226,5 +224,3 @@ class Gdb:
                 with contextlib.suppress(Exception):
                     if stream:
                         stream.close()
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(proc.pid, os.WNOHANG)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import ConfigError, InfraError, timeout_scale
+from hil.proc import end_process
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "qemu"
@@ -196,24 +197,13 @@ class Machine:
     def stop(self, grace_s: float = 2.0) -> None:
         """End QEMU by PID (TERM, then KILL), reap it, remove its files. Safe to call twice."""
         proc, self.proc = self.proc, None
-        if proc is not None:
-            try:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=grace_s * timeout_scale())
-                    except subprocess.TimeoutExpired:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(proc.pid, signal.SIGKILL)
-                        proc.wait(timeout=10)
-            finally:
-                # this container's init does not reap: make sure nothing is left as a zombie
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitpid(proc.pid, os.WNOHANG)
-        with contextlib.suppress(FileNotFoundError):
-            self.shm_path.unlink()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            if proc is not None:
+                end_process(proc, grace_s, lambda: os.kill(proc.pid, signal.SIGTERM))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.shm_path.unlink()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> Machine:
         self.start()
