@@ -41,8 +41,10 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
     out = []
     out.append(_table("ops by kind:", [(k, str(v)) for k, v in sorted(st.ops.items())]))
     out.append(_table("results by status:", [(k, str(v)) for k, v in sorted(st.statuses.items())]))
-    out.append(_table("findings by kind and clause:",
-                      [(k, c, str(v)) for (k, c), v in sorted(st.findings.items())]))  # fmt: skip
+    rows = [(k, c, str(v), str(st.first_seen[(k, c)])) for (k, c), v in sorted(st.findings.items())]
+    out.append(_table("findings by kind and clause (count, first op):", rows))
+    if st.findings and trace_path:
+        out.append(f"minimise one: hil shrink {trace_path} --clause CLAUSE\n")
     cov = runner.coverage
     out.append(_table("spec clauses (evaluated / antecedent held / violated):",
                       [(c, str(n), str(cov.exercised.get(c, 0)), str(cov.violated.get(c, 0)))
@@ -87,11 +89,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         assert session.layout is not None
         workload = Workload(args.seed, session.layout, WorkloadConfig(error_rate=args.error_rate))
 
+        shown: set[tuple[str, str, str]] = set()
+
         def on_step(rec: Record) -> None:
             nonlocal findings_total, t_last
             findings_total += len(rec.findings)
-            for f in rec.findings[: args.show]:
-                print("\n" + f.describe(), file=sys.stderr)
+            for f in rec.findings:
+                if args.show == "all" or (args.show == "new" and f.signature() not in shown):
+                    shown.add(f.signature())
+                    print(("\n" if sys.stderr.isatty() else "") + f.describe(), file=sys.stderr)
             now_t = time.monotonic()
             if sys.stderr.isatty() and (now_t - t_last > 0.2 or rec.index + 1 == args.ops):
                 t_last = now_t
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--error-rate", type=float, default=0.04)
     run.add_argument("--stop-on-finding", action="store_true")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
-    run.add_argument("--show", type=int, default=3, help="findings printed per op as they come")
+    run.add_argument("--show", choices=("new", "all", "none"), default="new",
+                     help="print findings as they come: the first of each kind/clause/field (default), all, none")
     run.set_defaults(fn=cmd_run)
     rep = sub.add_parser("replay", help="re-run a trace and report any difference")
     rep.add_argument("trace")

@@ -30,6 +30,7 @@ class Stats:
     ops: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
     findings: Counter[tuple[str, str]] = field(default_factory=Counter)
+    first_seen: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, clause) -> op index
     reboots: int = 0
     infra_retries: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -120,6 +121,7 @@ class Runner:
         self.stats.statuses[obs.result.status.name] += 1
         for f in findings:
             self.stats.findings[(str(f.kind), f.clause)] += 1
+            self.stats.first_seen.setdefault((str(f.kind), f.clause), index)
         rec = Record(index, op, obs.result, findings)
         self._record(rec)
         if obs.result.status in REBOOT_STATUSES:
