@@ -116,16 +116,18 @@ class Gdb:
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout_s * timeout_scale()
         out: list[str] = []
+        early: list[dict[str, Any]] = []
         while True:
             rec = self._records(deadline)
             if rec.get("type") in ("console", "target") and isinstance(rec.get("payload"), str):
                 out.append(rec["payload"])
             elif rec.get("type") == "result" and rec.get("token") == token:
+                self._pending = early + self._pending
                 if rec.get("message") == "error":
                     raise self.infra(f"gdb command {cli!r} failed: {(rec.get('payload') or {}).get('msg')}")
                 return "".join(out)
             elif rec.get("type") == "notify" and rec.get("message") == "stopped":
-                self._pending.append(rec)
+                early.append(rec)  # keep async stops for wait_stop
 
     def wait_stop(self, timeout_s: float) -> Stop:
         """Wait for the next `*stopped` record (after a resume)."""

@@ -134,3 +134,21 @@ def test_walker_matches_qemu_info_tlb_and_info_mem(session: Session) -> None:
         assert compare_info_tlb(qemu_tlb, ours_tlb) == []
     finally:
         s.apply(m.Activate(vs=0))
+
+
+def test_gdb_only_session_sees_the_same_state() -> None:
+    """Without the shared RAM file (a remote QEMU), everything goes through the gdb stub."""
+    ops = [m.NewVmSpace(), m.OpenCursorMut(vs=1, start=0, end=1 << 40), m.FrameFromUnused(paddr=0x80_0000),
+           m.Map(cursor=1, frame=1), m.Query(cursor=1)]  # fmt: skip
+    states = []
+    for shared in (True, False):
+        s = Session(shared_ram=shared)
+        try:
+            s.boot()
+            results = [s.apply(op).result for op in ops]
+            states.append((results, s.snapshot()))
+        finally:
+            s.close()
+    (r1, s1), (r2, s2) = states
+    assert r1 == r2 and all(r.status == m.Status.OK for r in r1)
+    assert s1.slots == s2.slots and s1.vm_spaces == s2.vm_spaces and s1.frames == s2.frames

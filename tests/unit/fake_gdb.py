@@ -35,6 +35,10 @@ for raw in sys.stdin:
         if mode != "hang":
             out('*stopped,reason="breakpoint-hit",frame={addr="0x1000",func="hil_op_done"}')
         continue
+    if cmd.startswith("-target-select"):
+        out('*stopped,frame={addr="0xfff0"},thread-id="1"')  # the halted CPU, as QEMU reports it
+        out(f"{token}^connected")
+        continue
     if cmd.startswith("-data-read-memory-bytes"):
         _, addr, size = cmd.split()
         a, n = int(addr, 16), int(size)

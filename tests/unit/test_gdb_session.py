@@ -73,3 +73,11 @@ def test_a_dying_gdb_is_an_infra_error(fake) -> None:
     with pytest.raises(InfraError, match="gdb (exited|is gone)"):
         g.resume()
         g.wait_stop(2)
+
+
+def test_a_stop_queued_before_a_command_is_kept_but_never_loops(fake) -> None:
+    g = fake("ok")
+    g.command("-target-select remote /nowhere")  # queues the initial *stopped
+    assert "console says hi" in g.console("maintenance packet Qqemu.PhyMemMode:1")
+    g.resume()  # the stale initial stop is dropped: we wait for the real one
+    assert g.wait_stop(5).pc == 0x1000
