@@ -171,7 +171,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         print(f"  {e!r}")
     out = Path(args.out) if args.out else Path(args.trace).with_suffix(".min.jsonl")
     writer = TraceWriter(out, {"guest_build_id": trace.header.get("guest_build_id"), "image": str(image),
-                               "profile": profile.name, "shrunk_from": args.trace, "started": now()})  # fmt: skip
+                               "profile": profile.name, "shrunk_from": args.trace, "started": now(),
+                               "finding": list(finding.signature()), "description": finding.describe()})  # fmt: skip
     for i, e in enumerate(events):
         writer.record(i, e, None, [])
     writer.close("complete", finished=now())

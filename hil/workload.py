@@ -73,6 +73,7 @@ class Workload:
         start = layout.data_pool_start
         self.frames = [start + i * PAGE_SIZE for i in range(self.config.data_frames)]
         self.hot_vas = sorted({b + i * PAGE_SIZE for b in HOT_BASES for i in range(HOT_PAGES)})
+        self.plan: list[m.Op] = []  # ops a multi-op pattern still has to issue
 
     # --- helpers ----------------------------------------------------------------------
     def _choice(self, seq: list[int] | tuple[int, ...]) -> int:
@@ -94,6 +95,8 @@ class Workload:
 
     # --- the generator ------------------------------------------------------------------
     def __call__(self, state: State) -> m.Op:
+        if self.plan:
+            return self.plan.pop(0)
         r = self.rng.random()
         if r < self.config.panic_rate:
             return self._panic_op(state)
@@ -131,6 +134,10 @@ class Workload:
             return m.Jump(cursor=c, va=self._choice(candidates))
         if mut and frames and w < 0.42:
             return m.Map(cursor=self._choice(mut), frame=self._choice(frames), prop=PROPS[rng.randrange(len(PROPS))])
+        if mut and w < 0.45:
+            planned = self._subtree_unmap(state, self._choice(mut))
+            if planned:
+                return planned
         if mut and w < 0.50:
             c = self._choice(mut)
             cur = state.cursors[c]
@@ -167,6 +174,25 @@ class Workload:
         if w < 0.88:
             return m.FrameFromUnused(paddr=self._choice(self.frames))
         return self._segment_or_unique_op(state)
+
+    def _subtree_unmap(self, state: State, c: int) -> m.Op | None:
+        """Unmap a whole 2 MiB / 1 GiB / 512 GiB slot (§5.8): the cursor must stand at the slot's
+        start one level above it, so first jump out of the slot (jump keeps the level and only
+        pops, §5.6), then to its start, then unmap exactly its size."""
+        cur = state.cursors[c]
+        size = self._choice((2 * MIB, GIB, SLOT_512G))
+        starts = [b - b % size for b in HOT_BASES]
+        starts = [a for a in starts if cur.start <= a and a + size <= cur.end]
+        if not starts:
+            return None
+        start = self._choice(starts)
+        parent = min(size << 9, USER_VA_END)
+        outside = [v for v in (start - parent, start + parent, cur.start) if cur.start <= v < cur.end]
+        outside = [v for v in outside if not start <= v < start + size]
+        self.plan = ([m.Jump(cursor=c, va=outside[0])] if outside else []) + [
+            m.Jump(cursor=c, va=start), m.Unmap(cursor=c, len=size)
+        ]
+        return self.plan.pop(0)
 
     def _segment_or_unique_op(self, state: State) -> m.Op:
         rng = self.rng
