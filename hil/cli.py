@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from hil.errors import AbiError, ConfigError, HilError, InfraError
@@ -26,7 +27,7 @@ def _progress(total: int | None, done: int, rate: float, findings: int) -> str:
     return f"\r{done} ops  {rate:7.1f} ops/s  findings {findings}"
 
 
-def _table(title: str, rows: list[tuple[str, ...]]) -> str:
+def _table(title: str, rows: Sequence[tuple[str, ...]]) -> str:
     if not rows:
         return f"{title}: none\n"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
