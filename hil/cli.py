@@ -1,9 +1,10 @@
 """`hil run | replay | shrink`. Exit status: 0 no findings, 1 findings, 2 infrastructure or
-usage error."""
+usage error, 130 interrupted (Ctrl-C / SIGTERM; the trace is kept, marked interrupted)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from hil.run import Runner
 from hil.session import Session
 from hil.trace import Record, TraceError, TraceWriter, now, read_trace, versions
 
-EXIT_OK, EXIT_FINDINGS, EXIT_INFRA = 0, 1, 2
+EXIT_OK, EXIT_FINDINGS, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _progress(total: int | None, done: int, rate: float, findings: int) -> str:
@@ -121,6 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(summary(runner, trace_path, len(boot_findings)))
+    if status == "interrupted":
+        return EXIT_INTERRUPTED
     return EXIT_FINDINGS if findings_total else EXIT_OK
 
 
@@ -187,6 +190,10 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hil", description="Hardware-in-the-loop checker for OSTD's page-table API")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -217,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     shr.add_argument("-v", "--verbose", action="store_true")
     shr.set_defaults(fn=cmd_shrink)
     args = parser.parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C: every `finally` runs, QEMU and gdb are ended by PID,
+    # the trace is closed as interrupted
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         code: int = args.fn(args)
         return code

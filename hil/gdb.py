@@ -19,7 +19,7 @@ from typing import Any
 from pygdbmi import gdbmiparser
 
 from hil.errors import InfraError, timeout_scale
-from hil.proc import end_process
+from hil.proc import die_with_parent, end_process
 
 GDB_BINARY = "gdb"
 
@@ -44,7 +44,7 @@ class Gdb:
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [GDB_BINARY, "--nx", "--quiet", "--interpreter=mi3"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         self._sel = selectors.DefaultSelector()
         assert self.proc.stdout is not None
@@ -144,9 +144,12 @@ class Gdb:
                 return Stop(str(payload.get("reason", "")), pc, payload)
 
     # --- the operations the harness needs ---------------------------------------------
-    def connect(self, socket_path: Path, timeout_s: float = 10.0) -> None:
-        # QEMU 7.2 always sends the 64-bit register layout: load the 64-bit ELF (NOTES)
-        self.command(f'-file-exec-and-symbols "{self.elf}"')
+    def connect(self, socket_path: Path, timeout_s: float = 10.0, *, symbols: bool = False) -> None:
+        """QEMU 7.2 always sends the 64-bit register layout, so gdb must think x86-64 (NOTES).
+        The checker needs no symbols (it has the ELF's addresses), and loading them costs
+        ~0.3 s per boot; interactive debugging asks for them."""
+        if symbols:
+            self.command(f'-file-exec-and-symbols "{self.elf}"')
         self.command("-gdb-set architecture i386:x86-64")
         self.command("-gdb-set pagination off")
         self.command("-gdb-set confirm off")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import ConfigError, InfraError, timeout_scale
-from hil.proc import end_process
+from hil.proc import die_with_parent, end_process
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "qemu"
@@ -163,12 +163,14 @@ class Machine:
                 raise ConfigError(f"guest image {needed} not found (build it: make -C guest)")
         if shutil.which(QEMU_BINARY) is None:
             raise InfraError(f"{QEMU_BINARY} not found on PATH (scripts/setup installs it)")
+        sweep_stale_files()
         self.run_dir.mkdir(mode=0o700)
         self.argv = self.build_argv()
         with open(self.qemu_log, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C to the harness must not kill QEMU under us
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         try:
             waits = [self.gdb_socket, self.monitor_socket] + ([self.shm_path] if self.shared_ram else [])
@@ -285,6 +287,23 @@ def leftover_processes(run_tag: str = "") -> list[int]:
             if state != "Z":
                 pids.append(int(entry.name))
     return pids
+
+
+def sweep_stale_files() -> list[Path]:
+    """Remove the run directories and shared RAM files of machines whose harness process is
+    gone (killed before it could clean up). The harness PID is the tag's second field."""
+    removed = []
+    for path in leftover_files():
+        parts = path.name.removeprefix(RUN_PREFIX).removesuffix(".ram").split("-")
+        if len(parts) < 3 or not parts[-2].isdigit() or _pid_alive(int(parts[-2])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
 
 
 def leftover_gdbs(run_tag: str) -> list[int]:

@@ -11,6 +11,17 @@ from collections.abc import Callable
 
 from hil.errors import timeout_scale
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn for the processes we start: the kernel sends them SIGKILL when the harness
+    dies, even by SIGKILL, so no QEMU or gdb outlives the run that started it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
 
 def end_process(proc: subprocess.Popen[bytes], grace_s: float, ask: Callable[[], None]) -> None:
     """`ask` asks the process to exit (a signal, a quit command); after `grace_s` it is killed."""

@@ -70,8 +70,9 @@ class Session:
         machine = Machine(self.profile, self.image, shared_ram=self.shared_ram)
         self.machine = machine
         try:
-            machine.start()
+            # gdb's own start-up (~0.25 s, its embedded Python) overlaps QEMU's
             self.gdb = Gdb(self.image, on_infra=machine.infra)
+            machine.start()
             self.gdb.connect(machine.gdb_socket)
             self.gdb.break_insert(f"*{self._op_done:#x}")
             if self.shared_ram:

@@ -115,7 +115,7 @@ def test_trace_replays_identically_and_shrinks(tmp_path: Path) -> None:
     try:
         runner.start()
         assert session.layout is not None
-        runner.run(Workload(3, session.layout), count=40)
+        runner.run(Workload(3, session.layout), count=30)
         lay = session.layout
         victim = lay.data_pool_start + 5 * PAGE_SIZE  # a slot the workload may or may not use
         runner.step(Poke(lay.meta_base + 64 * (victim // PAGE_SIZE) + 40, struct.pack("<Q", 9)))
@@ -124,7 +124,7 @@ def test_trace_replays_identically_and_shrinks(tmp_path: Path) -> None:
         session.close()
         writer.close("complete")
     trace = read_trace(trace_path)
-    assert len(trace.records) == 51
+    assert len(trace.records) == 41
     target = next(f for f in trace.findings if f.clause == "SLOT" and f.field == "rc")
     # replay: identical results and findings
     out = subprocess.run([sys.executable, "-m", "hil.cli", "replay", str(trace_path)], capture_output=True,
