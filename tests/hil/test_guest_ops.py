@@ -266,6 +266,13 @@ def test_frames_segments_unique(fresh: Session) -> None:
     assert all(st.slot_of(base + i * PAGE_SIZE).rc == 1 for i in range(3))
     clone = ok(s, m.SegmentClone(segment=seg)).get("segment")
     assert s.snapshot().slot_of(base + PAGE_SIZE).rc == 2
+    sl = ok(s, m.SegmentSlice(segment=seg, start=PAGE_SIZE, end=2 * PAGE_SIZE)).get("segment")
+    st = s.snapshot()
+    assert st.segments[sl] == (base + PAGE_SIZE, base + 2 * PAGE_SIZE) and st.slot_of(base + PAGE_SIZE).rc == 3
+    assert st.slot_of(base).rc == 2 and st.slot_of(base + 2 * PAGE_SIZE).rc == 2
+    err(s, m.SegmentSlice(segment=seg, start=0, end=4 * PAGE_SIZE), E.BAD_ARG)
+    err(s, m.SegmentSplit(segment=seg, offset=3 * PAGE_SIZE), E.BAD_ARG)
+    ok(s, m.SegmentDrop(segment=sl))
     res = ok(s, m.SegmentSplit(segment=seg, offset=PAGE_SIZE))
     st = s.snapshot()
     assert st.segments[res.get("left")] == (base, base + PAGE_SIZE) and seg not in st.segments
