@@ -111,12 +111,12 @@ class Workload:
         frames = sorted(state.frames)
         if len(state.vm_spaces) < 1 or (len(state.vm_spaces) < self.config.max_vm_spaces and rng.random() < 0.02):
             return m.NewVmSpace()
-        if not cursors:
-            free = self._free_cursor_vs(state)
-            if free:
-                start, end = self._range()
-                cls = m.OpenCursorMut if rng.random() < 0.85 else m.OpenCursor
-                return cls(vs=self._choice(free), start=start, end=end)
+        free = self._free_cursor_vs(state)
+        # one cursor per VmSpace at most (two would deadlock in exec), several VmSpaces at once
+        if free and (not cursors or rng.random() < 0.04):
+            start, end = self._range()
+            cls = m.OpenCursorMut if rng.random() < 0.85 else m.OpenCursor
+            return cls(vs=self._choice(free), start=start, end=end)
         if len(frames) < 3 and rng.random() < 0.7:
             return m.FrameFromUnused(paddr=self._choice(self.frames))
         w = rng.random()
@@ -136,6 +136,10 @@ class Workload:
             return m.Map(cursor=self._choice(mut), frame=self._choice(frames), prop=PROPS[rng.randrange(len(PROPS))])
         if mut and w < 0.45:
             planned = self._subtree_unmap(state, self._choice(mut))
+            if planned:
+                return planned
+        if len(mut) > 1 and w < 0.47:
+            planned = self._share(state, mut)
             if planned:
                 return planned
         if mut and w < 0.50:
@@ -169,7 +173,10 @@ class Workload:
         if frames and w < 0.80:
             return m.FrameDrop(frame=self._choice(frames))
         if w < 0.84:
-            in_use = sorted({p for p in state.frames.values()} | {self.layout.kernel_root})
+            # clones of handles and of mapped frames: the same frame then ends up mapped in
+            # several VmSpaces (often at the same hot VA, i.e. the same tree path)
+            mapped = {mp.paddr for v in state.vm_spaces.values() for mp in v.mappings().values()}
+            in_use = sorted(set(state.frames.values()) | mapped | {self.layout.kernel_root})
             return m.FrameFromInUse(paddr=self._choice(in_use))
         if w < 0.88:
             return m.FrameFromUnused(paddr=self._choice(self.frames))
@@ -193,6 +200,21 @@ class Workload:
             m.Jump(cursor=c, va=start), m.Unmap(cursor=c, len=size)
         ]
         return self.plan.pop(0)
+
+    def _share(self, state: State, mut: list[int]) -> m.Op | None:
+        """Map a frame that one VmSpace maps at VA X into another VmSpace at X too: the same
+        frame then has the same root-relative tree path twice (`paths_in_pt` is a set)."""
+        c = self._choice(mut)
+        target = state.cursors[c]
+        for vs, view in sorted(state.vm_spaces.items()):
+            if vs == target.vs:
+                continue
+            for va, mp in sorted(view.mappings().items()):
+                if target.start <= va < target.end:
+                    fid = state.next_ids.get("frame", 1)  # the clone's id: ids are counters
+                    self.plan = [m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[0])]
+                    return m.FrameFromInUse(paddr=mp.paddr)
+        return None
 
     def _segment_or_unique_op(self, state: State) -> m.Op:
         rng = self.rng

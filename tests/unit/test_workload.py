@@ -54,6 +54,8 @@ def drive(seed: int, n: int) -> tuple[list[m.Op], Counter[str]]:
             slot = after.slot(i)
             if slot.refs >= 2 and slot.usage == Usage.FRAME:
                 seen["frame mapped twice"] += 1
+                if len(slot.paths) < slot.refs:
+                    seen["same path in two VmSpaces"] += 1
                 break
         # after a panic the harness reboots
         state = store.initial_state(registry_capacity=2048) if res.status == m.Status.PANIC else after
@@ -64,7 +66,7 @@ def test_workload_reaches_the_interesting_states() -> None:
     _, seen = drive(1, 3000)
     for what in ("remap", "query present", "query absent", "freed level-1 node", "freed level-2 node",
                  "freed level-3 node", "protect WRITEBACK", "protect WRITETHROUGH", "protect UNCACHEABLE",
-                 "frame dropped", "frame mapped twice", "ERR", "PANIC"):  # fmt: skip
+                 "frame dropped", "frame mapped twice", "same path in two VmSpaces", "ERR", "PANIC"):  # fmt: skip
         assert seen[what] > 0, (what, seen)
 
 
