@@ -152,3 +152,16 @@ def test_gdb_only_session_sees_the_same_state() -> None:
     (r1, s1), (r2, s2) = states
     assert r1 == r2 and all(r.status == m.Status.OK for r in r1)
     assert s1.slots == s2.slots and s1.vm_spaces == s2.vm_spaces and s1.frames == s2.frames
+
+
+def test_bench_prints_every_mode_and_writes_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from hil import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--ops", "15", "--gdb-only-ops", "3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["modes"]) == {"default", "no-check", "gdb-only"}
+    assert data["modes"]["default"]["ops"] == 15 and data["modes"]["default"]["ops_per_s"] > 0
+    assert data["modes"]["no-check"]["us_per_op"]["check"] == 0
