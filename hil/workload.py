@@ -144,30 +144,20 @@ class Workload:
                 return planned
         if mut and w < 0.50:
             c = self._choice(mut)
-            cur = state.cursors[c]
-            size = self._choice(UNMAP_SIZES)
-            length = min(size, cur.end - cur.va) if cur.va < cur.end else 0
-            length -= length % PAGE_SIZE
-            if length <= 0:
-                return m.Jump(cursor=c, va=cur.start)
-            return m.Unmap(cursor=c, len=length)
+            length = self._nav_len(state, c)
+            return m.Unmap(cursor=c, len=length) if length else m.Jump(cursor=c, va=state.cursors[c].start)
         if cursors and w < 0.60:
             return m.Query(cursor=self._choice(cursors))
         if cursors and w < 0.66:
             c = self._choice(cursors)
-            cur = state.cursors[c]
-            if cur.va >= cur.end:
-                return m.Jump(cursor=c, va=cur.start)
-            length = min(self._choice(UNMAP_SIZES), cur.end - cur.va)
-            return m.FindNext(cursor=c, len=length - length % PAGE_SIZE)
+            length = self._nav_len(state, c)
+            return m.FindNext(cursor=c, len=length) if length else m.Jump(cursor=c, va=state.cursors[c].start)
         if mut and w < 0.71:
             c = self._choice(mut)
-            cur = state.cursors[c]
-            if cur.va >= cur.end:
-                return m.Jump(cursor=c, va=cur.start)
-            length = min(self._choice(UNMAP_SIZES), cur.end - cur.va)
-            return m.ProtectNext(cursor=c, len=length - length % PAGE_SIZE,
-                                 transform=TRANSFORMS[rng.randrange(len(TRANSFORMS))])  # fmt: skip
+            length = self._nav_len(state, c)
+            if not length:
+                return m.Jump(cursor=c, va=state.cursors[c].start)
+            return m.ProtectNext(cursor=c, len=length, transform=TRANSFORMS[rng.randrange(len(TRANSFORMS))])
         if cursors and w < 0.73:
             return m.VirtAddr(cursor=self._choice(cursors))
         if frames and w < 0.80:
@@ -181,6 +171,15 @@ class Workload:
         if w < 0.88:
             return m.FrameFromUnused(paddr=self._choice(self.frames))
         return self._segment_or_unique_op(state)
+
+    def _nav_len(self, state: State, c: int) -> int:
+        """A page-aligned length for find_next / unmap / protect_next that stays inside the
+        cursor's barrier (past it exec panics, §5.5); 0 when the cursor is already past it."""
+        cur = state.cursors[c]
+        if cur.va >= cur.end:
+            return 0
+        length = min(self._choice(UNMAP_SIZES), cur.end - cur.va)
+        return length - length % PAGE_SIZE
 
     def _subtree_unmap(self, state: State, c: int) -> m.Op | None:
         """Unmap a whole 2 MiB / 1 GiB / 512 GiB slot (§5.8): the cursor must stand at the slot's
