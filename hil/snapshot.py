@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from hil import abi
 from hil.errors import AbiError, HilError
 from hil.memory import PhysMemory
-from model.state import CursorView, Mapping_, NodeMeta, PageTableNode, Slot, State, TreePath, VmSpaceView
+from model.state import CursorView, Mapping_, NodeMeta, PageTableNode, Slot, SlotTable, State, TreePath, VmSpaceView
 from model.types import PAGE_SIZE, REF_COUNT_UNUSED, StorageTag, Usage
 
 # --- x86-64 PTE bits (Intel SDM Vol. 3A, Tables 4-15 .. 4-20) ----------------------------
@@ -670,13 +670,12 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
         rebuild = set(_changed_raw_slots(cache.raw_meta, raw_meta, layout.slot_size))
         rebuild |= {i for i in refs.keys() | cache.refs.keys() if refs.get(i) != cache.refs.get(i)}
         slot_anoms = {i: a for i, a in cache.slot_anomalies.items() if i not in rebuild}
-        slots = dict(prev.slots)
         indices: Iterable[int] = sorted(rebuild)
         changed = set()
     else:
-        slots = {}
         indices = range(layout.slot_count)
         changed = set() if prev is not None else None
+    slots: dict[int, Slot] = {}  # the rebuilt slots; the rest are shared with prev
     no_refs: tuple[frozenset[TreePath], int] = (frozenset(), 0)
     plain: dict[tuple[bytes, Usage], Slot] = {}  # share identical unreferenced slots
     for i in indices:
@@ -700,6 +699,12 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
             changed.add(i)
         slots[i] = slot
     anomalies += [slot_anoms[i] for i in sorted(slot_anoms)]
+    if incremental and prev is not None:
+        table = SlotTable.of(prev.slots, layout.slot_count).updated(
+            {i: slot for i, slot in slots.items() if slot is not prev.slot(i)}
+        )
+    else:
+        table = SlotTable.dense(slots[i] for i in range(layout.slot_count))
 
     vm_spaces = {
         vs: VmSpaceView(vs, root & ADDR_MASK, walks["vs", vs].nodes, cursor)
@@ -709,7 +714,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
         vs: VmSpaceView(vs, root & ADDR_MASK, walks["leaked", vs].nodes) for vs, root in sorted(reg.leaked.items())
     }
     return State(
-        slots=slots,
+        slots=table,
         vm_spaces=vm_spaces,
         cursors=dict(sorted(reg.cursors.items())),
         frames=dict(sorted(reg.frames.items())),

@@ -9,7 +9,7 @@ records `parent` and the set of slot indices whose `Slot` object differs (`chang
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from model.types import (
@@ -68,6 +68,95 @@ class Slot:
 
 
 UNUSED_SLOT = Slot()
+
+
+class SlotTable(Mapping[int, Slot]):
+    """Every RAM slot, index 0..n-1, as a persistent chunked table.
+
+    `updated` copies only the chunks it changes (and the list of chunk references), so a
+    State derived from another costs what the op touched, not the size of RAM, and unchanged
+    chunks are shared (equality short-circuits on them)."""
+
+    CHUNK_BITS = 8
+    CHUNK = 1 << CHUNK_BITS
+    __slots__ = ("_chunks", "_len")
+
+    def __init__(self, chunks: tuple[tuple[Slot, ...], ...], length: int):
+        self._chunks = chunks
+        self._len = length
+
+    @classmethod
+    def dense(cls, slots: Iterable[Slot]) -> SlotTable:
+        items = list(slots)
+        chunks = tuple(tuple(items[i : i + cls.CHUNK]) for i in range(0, len(items), cls.CHUNK))
+        return cls(chunks, len(items))
+
+    @classmethod
+    def of(cls, slots: Mapping[int, Slot], length: int) -> SlotTable:
+        """From any mapping over [0, length); missing indices are UNUSED."""
+        if isinstance(slots, SlotTable) and len(slots) == length:
+            return slots
+        return cls.dense(slots.get(i, UNUSED_SLOT) for i in range(length))
+
+    def __getitem__(self, index: int) -> Slot:
+        if not isinstance(index, int) or not 0 <= index < self._len:
+            raise KeyError(index)
+        return self._chunks[index >> self.CHUNK_BITS][index & (self.CHUNK - 1)]
+
+    def get(self, index: int, default: Slot | None = None) -> Slot | None:  # type: ignore[override]
+        if isinstance(index, int) and 0 <= index < self._len:
+            return self._chunks[index >> self.CHUNK_BITS][index & (self.CHUNK - 1)]
+        return default
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and 0 <= index < self._len
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._len))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def values(self) -> Iterator[Slot]:  # type: ignore[override]
+        for chunk in self._chunks:
+            yield from chunk
+
+    def updated(self, changes: Mapping[int, Slot]) -> SlotTable:
+        if not changes:
+            return self
+        chunks = list(self._chunks)
+        by_chunk: dict[int, list[tuple[int, Slot]]] = {}
+        for index, slot in changes.items():
+            if not 0 <= index < self._len:
+                raise KeyError(index)
+            by_chunk.setdefault(index >> self.CHUNK_BITS, []).append((index & (self.CHUNK - 1), slot))
+        for c, edits in by_chunk.items():
+            chunk = list(chunks[c])
+            for offset, slot in edits:
+                chunk[offset] = slot
+            chunks[c] = tuple(chunk)
+        return SlotTable(tuple(chunks), self._len)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SlotTable):
+            return self._len == other._len and all(
+                a is b or a == b for a, b in zip(self._chunks, other._chunks, strict=True)
+            )
+        if isinstance(other, Mapping):
+            return len(other) == self._len and all(other.get(i) == s for i, s in enumerate(self.values()))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SlotTable(<{self._len} slots>)"
+
+
+def with_slot_changes(slots: Mapping[int, Slot], changes: Mapping[int, Slot]) -> Mapping[int, Slot]:
+    """`slots` with `changes` applied, without copying what did not change when it can."""
+    if isinstance(slots, SlotTable):
+        return slots.updated(changes)
+    return {**slots, **changes}
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,11 @@ from model.state import (
     NodeMeta,
     PageTableNode,
     Slot,
+    SlotTable,
     State,
     TreePath,
     VmSpaceView,
+    with_slot_changes,
 )
 from model.types import (
     MAX_PADDR,
@@ -155,7 +157,7 @@ def initial_state(ram_size: int = 64 * MiB, *, registry_capacity: int = 0) -> St
         )
         upper.append(pte_new_pt(pa))
     return State(
-        slots=slots, vm_spaces={}, cursors={}, frames={}, segments={}, uniques={}, leaked={},
+        slots=SlotTable.of(slots, nr), vm_spaces={}, cursors={}, frames={}, segments={}, uniques={}, leaked={},
         next_ids=dict.fromkeys(ID_KINDS, 1), kernel_root=lay.kernel_root,
         kernel_upper=tuple(upper), nr_slots=nr, registry_capacity=registry_capacity,
     )  # fmt: skip
@@ -216,8 +218,7 @@ class _Cur:
 class _Tx:
     def __init__(self, state: State) -> None:
         self.base = state
-        self.slots: dict[int, Slot] = dict(state.slots)
-        self.changed: set[int] = set()
+        self.slot_changes: dict[int, Slot] = {}  # applied to the base's slots at build()
         self.vm_spaces: dict[int, VmSpaceView] = dict(state.vm_spaces)
         self.leaked: dict[int, VmSpaceView] = dict(state.leaked)
         self.nodes: dict[int, dict[int, PageTableNode]] = {}  # vs id -> copied node map
@@ -230,13 +231,13 @@ class _Tx:
 
     # slots
     def slot(self, index: int) -> Slot:
-        return self.slots.get(index, UNUSED_SLOT)
+        found = self.slot_changes.get(index)
+        return found if found is not None else self.base.slot(index)
 
     def put_slot(self, index: int, slot: Slot) -> None:
         if not 0 <= index < self.base.nr_slots:
             raise ValueError(f"slot {index} outside RAM")
-        self.slots[index] = slot
-        self.changed.add(index)
+        self.slot_changes[index] = slot
 
     def fresh_id(self, kind: str) -> int:
         value = self.next_ids[kind]
@@ -366,9 +367,9 @@ class _Tx:
             k: (dataclasses.replace(v, nodes=self.nodes[k]) if k in self.nodes else v) for k, v in self.leaked.items()
         }
         return dataclasses.replace(
-            self.base, slots=self.slots, vm_spaces=vm_spaces, leaked=leaked, cursors=self.cursors,
-            frames=self.frames, segments=self.segments, uniques=self.uniques, next_ids=self.next_ids,
-            parent=self.base, changed=frozenset(self.changed),
+            self.base, slots=with_slot_changes(self.base.slots, self.slot_changes), vm_spaces=vm_spaces,
+            leaked=leaked, cursors=self.cursors, frames=self.frames, segments=self.segments, uniques=self.uniques,
+            next_ids=self.next_ids, parent=self.base, changed=frozenset(self.slot_changes),
         )  # fmt: skip
 
 
