@@ -214,3 +214,20 @@ def test_qemu_killed_mid_run_is_retried_once_on_a_fresh_machine(tmp_path: Path) 
     trace = read_trace(tmp_path / "k.jsonl")
     assert [n["what"] for n in trace.notes] == ["infra-retry"]
     assert not [f for f in trace.findings if f.kind == Kind.IMPL]
+
+
+def test_replay_reports_a_difference(tmp_path: Path) -> None:
+    trace = tmp_path / "r.jsonl"
+    run_workload(30, seed=9, trace=trace)
+    lines = trace.read_text().splitlines()
+    for n, line in enumerate(lines):
+        obj = json.loads(line)
+        if obj.get("type") == "event" and obj["event"]["op"] == "NewVmSpace":
+            obj["result"]["values"] = [[k, v + 1 if k == "root" else v] for k, v in obj["result"]["values"]]
+            lines[n] = json.dumps(obj)
+            break
+    trace.write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "hil.cli", "replay", str(trace)], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)  # fmt: skip
+    assert out.returncode == 1 and "1 differences" in out.stdout, out.stdout + out.stderr
+    assert "NewVmSpace()" in out.stdout
