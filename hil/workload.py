@@ -270,7 +270,8 @@ class Workload:
             return m.Map(cursor=self._choice(sorted(ro)), frame=self._choice(sorted(state.frames)))
         if pick == 6 and state.cursors:
             c = self._choice(sorted(state.cursors))
-            return m.Jump(cursor=c, va=state.cursors[c].end + PAGE_SIZE)  # INVALID_VADDR
+            # INVALID_VADDR; the barrier's end itself is the boundary an off-by-one lets through
+            return m.Jump(cursor=c, va=state.cursors[c].end + rng.choice((0, PAGE_SIZE)))
         if pick == 7 and state.cursors and state.frames:
             c = self._choice(sorted(state.cursors))
             return m.Map(cursor=c, frame=self._choice(sorted(state.frames)), prop=PageProperty(0x20))  # BAD_ARG

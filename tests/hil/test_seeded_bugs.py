@@ -24,7 +24,21 @@ def build(tmp: Path, bug: int) -> Path:
     return out / "kernel.elf"
 
 
-@pytest.mark.parametrize("bug, clause, field", [(3, "SLOT", "rc"), (4, "SLOT", "node"), (5, "SLOT", "rc")])
+# bugs 1 and 2 (a forgotten invlpg) leave memory exactly as it should be: only the MMU probes
+# of the hardware oracle (issue 7) can see them
+CAUGHT_BY_THE_CHECKER = [
+    (3, "SLOT", "rc"),  # query forgets the rc bump
+    (4, "SLOT", "node"),  # map forgets nr_children += 1
+    (5, "SLOT", "rc"),  # frame_drop at rc 1 leaves rc 0
+    (6, "SLOT", "paths"),  # protect_next rewrites the paddr bits
+    (7, "SLOT", "paths"),  # a new page-table node is not zeroed
+    (8, "RESULT", "status"),  # jump accepts va == barrier end
+    (9, "SLOT", "rc"),  # unmap of a subtree forgets the frames under it
+    (10, "CURSOR", None),  # find_next looks one entry past its end
+]
+
+
+@pytest.mark.parametrize("bug, clause, field", CAUGHT_BY_THE_CHECKER)
 def test_seeded_bug_is_caught(tmp_path: Path, bug: int, clause: str, field: str | None) -> None:
     default_elf = REPO / "guest" / "build" / "kernel.elf"
     default_bytes = default_elf.read_bytes()
@@ -35,7 +49,7 @@ def test_seeded_bug_is_caught(tmp_path: Path, bug: int, clause: str, field: str 
         runner.start()
         assert session.layout is not None and session.layout.seeded_bug == bug
         workload = Workload(1, session.layout)
-        for _ in range(800):
+        for _ in range(1500):
             assert runner.state is not None
             impl = [f for f in runner.step(workload(runner.state)).findings if f.kind == Kind.IMPL]
             if impl:
