@@ -126,3 +126,14 @@ def test_regression_source_is_runnable_python() -> None:
     exec(compile(src, "regression.py", "exec"), ns)
     assert ns["EVENTS"] == events
     assert callable(ns["test_map_two"])
+
+
+def test_an_image_without_the_abi_symbols_is_refused_by_name() -> None:
+    from hil.elf import GuestElf
+    from hil.errors import AbiError
+
+    obj = Path(__file__).resolve().parents[2] / "guest" / "build" / "boot" / "serial.o"
+    with pytest.raises(AbiError, match="hil_mailbox, hil_op_done, hil_layout"):
+        GuestElf(obj)
+    with pytest.raises(AbiError, match="not found"):
+        GuestElf(Path("/nonexistent.elf"))
