@@ -399,8 +399,12 @@ def test_dropped_vm_space_leaks_its_table_and_keeps_being_walked(fresh: Session)
     vs, c = new_space(s)
     f, paddr = frame(s, 0)
     ok(s, m.Map(cursor=c, frame=f))
+    mid = s.snapshot()
+    assert mid.cursors[c].vs == vs and mid.vm_spaces[vs].cursor == c
     ok(s, m.DropCursor(cursor=c))
-    before = s.snapshot()
+    before = s.snapshot(mid)
+    assert c not in before.cursors and before.vm_spaces[vs].cursor == 0
+    assert before.slots == mid.slots  # dropping a cursor changes no ref count (§5.2)
     ok(s, m.DropVmSpace(vs=vs))
     after = s.snapshot(before)
     assert vs not in after.vm_spaces and vs in after.leaked
