@@ -233,6 +233,7 @@ def test_find_next_jump_virt_addr_protect_next(fresh: Session) -> None:
     res = ok(s, m.FindNext(cursor=c, len=0x10000))
     assert (res.get("found"), res.get("va")) == (1, 0x7000)
     assert ok(s, m.VirtAddr(cursor=c)).get("va") == 0x7000
+    assert s.snapshot().cursors[c].va == 0x7000  # the registry, not the guest's report
     before = s.snapshot()
     res = ok(s, m.ProtectNext(cursor=c, len=PAGE_SIZE, transform=PropTransform(clear_flags=int(PageFlags.W),
                                                                                 cache=int(CachePolicy.UNCACHEABLE))))
