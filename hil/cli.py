@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hil.errors import AbiError, ConfigError, HilError, InfraError
-from hil.machine import DEFAULT_IMAGE, Profile
-from hil.run import Runner
-from hil.session import Session
-from hil.trace import Record, TraceError, TraceWriter, now, read_trace, versions
+from hil.run.runner import Runner
+from hil.run.session import Session
+from hil.run.trace import Record, TraceError, TraceWriter, now, read_trace, versions
+from hil.target.machine import DEFAULT_IMAGE, Profile
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -67,7 +67,7 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hil.workload import Workload, WorkloadConfig
+    from hil.run.workload import Workload, WorkloadConfig
 
     profile = Profile.load(args.profile)
     image = Path(args.image)
@@ -157,7 +157,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_shrink(args: argparse.Namespace) -> int:
-    from hil.shrink import regression_test_source, shrink
+    from hil.run.shrink import regression_test_source, shrink
 
     trace = read_trace(Path(args.trace))
     image = Path(args.image or trace.header.get("image") or DEFAULT_IMAGE)

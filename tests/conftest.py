@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from hil.machine import leftover_files, leftover_gdbs, leftover_processes
+from hil.target.machine import leftover_files, leftover_gdbs, leftover_processes
 
 # every machine this test session starts (in this process or in `hil` subprocesses) carries
 # this tag, so a concurrent run on the same machine is not counted as our leak
@@ -35,8 +35,8 @@ def no_leaks():
 def run_events_fn():
     """Boot a guest, run a list of events with all checks, return every finding (used by the
     regression and findings cases written by `hil shrink`)."""
-    from hil.run import Runner
-    from hil.session import Session
+    from hil.run.runner import Runner
+    from hil.run.session import Session
 
     def run(events):
         session = Session()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hil.session import Session
+from hil.run.session import Session
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from hil.check import Finding, Kind
-from hil.run import Runner
-from hil.session import Session
-from hil.shrink import shrink
-from hil.trace import Poke, TraceError, TraceWriter, read_trace
-from hil.workload import Workload, WorkloadConfig
+from hil.run.runner import Runner
+from hil.run.session import Session
+from hil.run.shrink import shrink
+from hil.run.trace import Poke, TraceError, TraceWriter, read_trace
+from hil.run.workload import Workload, WorkloadConfig
 from model import axioms
 from model import ops as m
 from model.types import PAGE_SIZE

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import struct
 
-from hil import abi
-from hil.memory import GdbPhysMemory
-from hil.session import Session
-from hil.snapshot import compare_info_mem, compare_info_tlb, parse_info_mem, parse_info_tlb, qemu_view, walk_tree
+from hil.observe.snapshot import (
+    compare_info_mem,
+    compare_info_tlb,
+    parse_info_mem,
+    parse_info_tlb,
+    qemu_view,
+    walk_tree,
+)
+from hil.run.session import Session
+from hil.target import abi
+from hil.target.memory import GdbPhysMemory
 from model import ops as m
 from model.types import REF_COUNT_UNUSED, Usage
 
@@ -157,7 +164,7 @@ def test_gdb_only_session_sees_the_same_state() -> None:
 def test_bench_prints_every_mode_and_writes_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from hil import bench
+    from hil.workflows import bench
 
     out = tmp_path / "bench.json"
     assert bench.main(["--ops", "15", "--gdb-only-ops", "3", "--json", str(out)]) == 0

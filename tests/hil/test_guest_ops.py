@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from hil.session import Session
-from hil.snapshot import walk_tree
+from hil.observe.snapshot import walk_tree
+from hil.run.session import Session
 from model import ops as m
 from model.state import State
 from model.types import (
@@ -418,7 +418,7 @@ def test_random_raw_requests_never_crash_or_hang(fresh: Session) -> None:
     fault); only probe / raise_fault may end in a CPU exception."""
     import random
 
-    from hil import abi
+    from hil.target import abi
 
     s = fresh
     assert s.layout is not None

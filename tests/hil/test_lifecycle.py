@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from hil.machine import leftover_files, leftover_gdbs, leftover_processes, sweep_stale_files
+from hil.target.machine import leftover_files, leftover_gdbs, leftover_processes, sweep_stale_files
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hil.check import Kind
-from hil.run import Runner
-from hil.session import Session
-from hil.workload import Workload
+from hil.run.runner import Runner
+from hil.run.session import Session
+from hil.run.workload import Workload
 
 REPO = Path(__file__).resolve().parents[2]
 

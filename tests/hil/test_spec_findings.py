@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hil.check import Kind
-from hil.trace import read_trace
+from hil.run.trace import read_trace
 
 FINDINGS = sorted((Path(__file__).resolve().parents[1] / "data" / "findings").glob("*.jsonl"))
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hil.check import Kind
-from hil.run import Runner
-from hil.session import Session
+from hil.run.runner import Runner
+from hil.run.session import Session
 from model import ops as m
 from model.types import PAGE_SIZE, CachePolicy, PageFlags, PageProperty, PrivFlags, PropTransform
 

@@ -6,7 +6,7 @@ import dataclasses
 import struct
 from pathlib import Path
 
-from hil import abi
+from hil.target import abi
 from model import ops as m
 from model.types import CachePolicy, PageProperty, PropTransform
 

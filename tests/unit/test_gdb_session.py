@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hil import gdb as gdb_mod
 from hil.errors import InfraError
+from hil.target import gdb as gdb_mod
 
 FAKE = Path(__file__).with_name("fake_gdb.py")
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from hil import check, machine
+from hil import check
 from hil.check import Kind
 from hil.errors import ConfigError
-from hil.shrink import ddmin, symbolize
-from hil.trace import Poke, Record, TraceError, TraceWriter, read_trace
+from hil.run.shrink import ddmin, symbolize
+from hil.run.trace import Poke, Record, TraceError, TraceWriter, read_trace
+from hil.target import machine
 from model import ops as m
 from model import store
 from model.types import PAGE_SIZE
@@ -115,7 +116,7 @@ def test_ddmin_finds_a_one_minimal_failing_subset() -> None:
 
 
 def test_regression_source_is_runnable_python() -> None:
-    from hil.shrink import regression_test_source
+    from hil.run.shrink import regression_test_source
     from model.types import CachePolicy, PageProperty
 
     events = [m.NewVmSpace(), m.Map(cursor=1, frame=1, prop=PageProperty(1, CachePolicy.WRITETHROUGH, 1)),
@@ -129,8 +130,8 @@ def test_regression_source_is_runnable_python() -> None:
 
 
 def test_an_image_without_the_abi_symbols_is_refused_by_name() -> None:
-    from hil.elf import GuestElf
     from hil.errors import AbiError
+    from hil.target.elf import GuestElf
 
     obj = Path(__file__).resolve().parents[2] / "guest" / "build" / "boot" / "serial.o"
     with pytest.raises(AbiError, match="hil_mailbox, hil_op_done, hil_layout"):

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from hil import abi
-from hil.memory import DictMemory
-from hil.snapshot import AnomalyKind, WalkError, decode_registry, decode_slot, read_state, slot_from_raw
+from hil.observe.snapshot import AnomalyKind, WalkError, decode_registry, decode_slot, read_state, slot_from_raw
+from hil.target import abi
+from hil.target.memory import DictMemory
 from model.state import CursorView, NodeMeta, Slot, State
 from model.types import Usage
 

@@ -1,6 +1,6 @@
 """The SDM walker, the OSTD leaf view and the QEMU `info tlb` / `info mem` rendering, on
 hand-built page tables in DictMemory. PTE values are spelled out bit by bit here (not taken
-from hil.snapshot or model.types) so the tests check the decoder, not restate it."""
+from hil.observe.snapshot or model.types) so the tests check the decoder, not restate it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hil.memory import DictMemory, PhysReadError
-from hil.snapshot import (
+from hil.observe.snapshot import (
     AnomalyKind,
     NonCanonicalAddress,
     Outcome,
@@ -31,6 +30,7 @@ from hil.snapshot import (
     translate,
     walk_tree,
 )
+from hil.target.memory import DictMemory, PhysReadError
 from model.state import VmSpaceView
 from model.types import CachePolicy, PageFlags, PageProperty, PrivFlags, pte_new_page, pte_new_pt
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hil import abi
-from hil.workload import Workload, WorkloadConfig
+from hil.run.workload import Workload, WorkloadConfig
+from hil.target import abi
 from model import ops as m
 from model import store
 from model.types import REF_COUNT_UNUSED, CachePolicy, PageProperty, Usage, pte_prop
@@ -76,7 +76,7 @@ def test_same_seed_same_ops() -> None:
 
 
 def test_props_are_ones_exec_accepts() -> None:
-    from hil.workload import PROPS, TRANSFORMS
+    from hil.run.workload import PROPS, TRANSFORMS
 
     assert all(isinstance(p, PageProperty) and p.inv() and p.flags & 1 for p in PROPS)
     assert all(t.valid() for t in TRANSFORMS)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hil.run import Runner
-from hil.session import Session
-from hil.workload import Workload
+from hil.run.runner import Runner
+from hil.run.session import Session
+from hil.run.workload import Workload
 
 MODES = {
     # name: (shared RAM file, checks on)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from hil.abi import Layout
+from hil.target.abi import Layout
 from model import ops as m
 from model.state import State
 from model.types import (

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hil.check import Finding
-from hil.run import Runner
-from hil.session import Session
-from hil.trace import Event, Poke, Record, Trace
+from hil.run.runner import Runner
+from hil.run.session import Session
+from hil.run.trace import Event, Poke, Record, Trace
 from model import ops as m
 
 # op field -> id kind
@@ -171,7 +171,7 @@ def regression_test_source(events: Sequence[Event], finding: Finding, name: str)
     type_names = sorted(n for n in ("PageProperty", "CachePolicy", "PropTransform") if n in body)
     imports = ["import pytest", ""]
     if any(isinstance(e, Poke) for e in events):
-        imports.append("from hil.trace import Poke")
+        imports.append("from hil.run.trace import Poke")
     if op_names:
         imports.append(f"from model.ops import {', '.join(op_names)}")
     if type_names:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import ConfigError, InfraError, timeout_scale
-from hil.proc import die_with_parent, end_process
+from hil.target.proc import die_with_parent, end_process
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO / "qemu"
 DEFAULT_IMAGE = REPO / "guest" / "build" / "kernel.elf"
 QEMU_BINARY = "qemu-system-x86_64"

@@ -41,9 +41,9 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hil import abi
 from hil.errors import AbiError, HilError
-from hil.memory import PhysMemory
+from hil.target import abi
+from hil.target.memory import PhysMemory
 from model.state import CursorView, Mapping_, NodeMeta, PageTableNode, Slot, SlotTable, State, TreePath, VmSpaceView
 from model.types import PAGE_SIZE, REF_COUNT_UNUSED, StorageTag, Usage
 
@@ -434,7 +434,7 @@ def ostd_leaves(nodes: Mapping[int, PageTableNode], root: int, *, user_half: boo
     return out
 
 
-# --- metadata slots (spec §4.1, hil/abi.py SLOT_OFF_*) -----------------------------------
+# --- metadata slots (spec §4.1, hil/target/abi.py SLOT_OFF_*) -----------------------------------
 _SLOT = struct.Struct("<40sQQQ")
 assert _SLOT.size == 64
 assert (abi.SLOT_OFF_REF_COUNT, abi.SLOT_OFF_VTABLE, abi.SLOT_OFF_IN_LIST) == (40, 48, 56)
@@ -482,7 +482,7 @@ def slot_from_raw(
     return Slot(rc, usage, inl, vt, (tag, level), paths, refs, node)
 
 
-# --- handle registry (hil/abi.py REG_*) --------------------------------------------------
+# --- handle registry (hil/target/abi.py REG_*) --------------------------------------------------
 _ENTRY = struct.Struct("<8Q")
 COUNTER_KEYS = ("vm_space", "cursor", "frame", "segment", "unique")
 _HANDLE_KINDS = (

@@ -19,7 +19,7 @@ from typing import Any
 from pygdbmi import gdbmiparser
 
 from hil.errors import InfraError, timeout_scale
-from hil.proc import die_with_parent, end_process
+from hil.target.proc import die_with_parent, end_process
 
 GDB_BINARY = "gdb"
 

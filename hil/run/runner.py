@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from hil import check
 from hil.check import Finding, Kind
 from hil.errors import InfraError
-from hil.session import Session
-from hil.trace import Event, Poke, Record, TraceWriter
+from hil.run.session import Session
+from hil.run.trace import Event, Poke, Record, TraceWriter
 from model import axioms, store
 from model import ops as m
 from model.state import State, changed_slots

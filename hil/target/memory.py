@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from hil.errors import HilError
 
 if TYPE_CHECKING:
-    from hil.gdb import Gdb
+    from hil.target.gdb import Gdb
 
 _PAGE = 4096
 

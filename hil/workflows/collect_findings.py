@@ -13,13 +13,13 @@ import tempfile
 from pathlib import Path
 
 from hil.check import Kind
-from hil.run import Runner
-from hil.session import Session
-from hil.shrink import shrink
-from hil.trace import TraceWriter, now, read_trace
-from hil.workload import Workload
+from hil.run.runner import Runner
+from hil.run.session import Session
+from hil.run.shrink import shrink
+from hil.run.trace import TraceWriter, now, read_trace
+from hil.run.workload import Workload
 
-FINDINGS_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "findings"
+FINDINGS_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "findings"
 
 
 def main(argv: list[str] | None = None) -> int:

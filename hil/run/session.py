@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hil import abi
-from hil.elf import GuestElf
 from hil.errors import AbiError, InfraError
-from hil.gdb import Gdb
-from hil.machine import DEFAULT_IMAGE, Machine, Profile
-from hil.memory import GdbPhysMemory, PhysMemory, SharedRamMemory
+from hil.target import abi
+from hil.target.elf import GuestElf
+from hil.target.gdb import Gdb
+from hil.target.machine import DEFAULT_IMAGE, Machine, Profile
+from hil.target.memory import GdbPhysMemory, PhysMemory, SharedRamMemory
 from model import ops as m
 from model.state import State
 
@@ -186,7 +186,7 @@ class Session:
         return self.send_raw(abi.encode_raw_request(code, args, seq), seq)
 
     def snapshot(self, prev: State | None = None) -> State:
-        from hil.snapshot import read_state
+        from hil.observe.snapshot import read_state
 
         assert self.memory is not None and self.layout is not None
         return read_state(self.memory, self.layout, prev)

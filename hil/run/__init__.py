@@ -1,0 +1,1 @@
+"""The run: session (one booted guest), runner (checked ops), workload, trace, shrink."""

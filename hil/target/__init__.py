@@ -1,0 +1,1 @@
+"""The target: one QEMU, its gdb stub, guest memory, the mailbox ABI, the guest ELF, processes."""

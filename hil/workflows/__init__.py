@@ -1,0 +1,1 @@
+"""Workflows over the run: bench, findings collection, debug, ci, nightly, pytest plugin."""
