@@ -590,8 +590,23 @@ def _drop_vm_space(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     view = tx.vm_spaces[op.vs]
     if view.cursor:
         raise _Err(ErrorCode.VM_SPACE_BUSY)
+    # Dropping the VmSpace drops its root PageTableNode (a Frame): the tree stops being
+    # walked (every path of its nodes and leaves goes), then the root loses its reference;
+    # at the last one PageTablePageMeta::on_drop drops the children of entries 0..255
+    # recursively (put_frame over the detached nodes): each node's slot to UNUSED, each mapped
+    # frame rc - 1 per PTE (docs/semantics.md "VmSpace").
+    root = tx.root(op.vs)
+    i = frame_to_index(root.paddr)
+    s = tx.slot(i)
+    tx.put_slot(i, dataclasses.replace(s, paths=s.paths - {()}))
+    tx.detached[root.paddr] = root
+    for k in TOP_LEVEL_USER_ENTRIES:
+        pte = root.entries[k]
+        if pte_is_present(pte):
+            _detach(tx, op.vs, pte_paddr(pte), stray=False)
     del tx.vm_spaces[op.vs]
-    tx.leaked[op.vs] = view
+    tx.nodes.pop(op.vs, None)
+    tx.put_frame(root.paddr)
     return _ok(op)
 
 
@@ -771,16 +786,18 @@ def _unmap(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     return _ok(op, num=num)
 
 
-def _detach(tx: _Tx, vs: int, paddr: int) -> int:
-    """Take the subtree rooted at node `paddr` out of tree `vs`: mark it stray, stop walking it
-    (paths of its nodes and leaves go). Returns the number of mapped frames in it."""
+def _detach(tx: _Tx, vs: int, paddr: int, *, stray: bool = True) -> int:
+    """Take the subtree rooted at node `paddr` out of tree `vs`: mark it stray (unmap's
+    dfs_mark_stray; not on a VmSpace drop), stop walking it (paths of its nodes and leaves go).
+    Returns the number of mapped frames in it."""
     nodes = tx.node_map(vs)
     node = nodes.pop(paddr)
     tx.detached[paddr] = node
     i = frame_to_index(paddr)
     s = tx.slot(i)
-    meta = dataclasses.replace(s.node, stray=True) if s.node is not None else None
-    tx.put_slot(i, dataclasses.replace(s, node=meta))
+    if stray:
+        meta = dataclasses.replace(s.node, stray=True) if s.node is not None else None
+        tx.put_slot(i, dataclasses.replace(s, node=meta))
     tx.drop_node_ref(paddr, node.path)
     count = 0
     for k, pte in enumerate(node.entries):
@@ -790,7 +807,7 @@ def _detach(tx: _Tx, vs: int, paddr: int) -> int:
             tx.drop_leaf_ref(vs, pte_paddr(pte), node.path + (k,))
             count += 1
         else:
-            count += _detach(tx, vs, pte_paddr(pte))
+            count += _detach(tx, vs, pte_paddr(pte), stray=stray)
     return count
 
 

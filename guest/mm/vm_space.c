@@ -30,10 +30,20 @@ u64 op_vm_space(u64 op) {
             return HIL_ERR_BAD_ID;
         if (e->w[1])
             return HIL_ERR_VM_SPACE_BUSY;
-        /* No exec Drop for VmSpace in vostd (§2 VS-DROP): root, subtree, frames leak. The
-         * entry stays so the harness keeps walking the leaked tree. */
-        e->kind = HIL_REG_LEAKED_ROOT;
+    {
+        /* Dropping VmSpace drops its PageTable's root PageTableNode (a Frame): rc - 1, and at
+         * the last reference drop_last_in_place runs PageTablePageMeta::on_drop, which drops
+         * every child of user entries 0..255 (TOP_LEVEL_INDEX_RANGE): the whole user tree is
+         * freed, each mapped frame loses one reference per PTE (docs/semantics.md). */
+        u64 root = e->w[0];
+        reg_free(e);
+        /* harness-only: the CPU must not keep a freed root in CR3 (exec's activate would hold
+         * a reference on it; the guest does not model that reference, docs/semantics.md). */
+        if ((read_cr3() & PHYS_ADDR_MASK) == root)
+            write_cr3(mm.kernel_root);
+        pt_node_drop_ref(root);
         return 0;
+    }
     case HIL_OP_ACTIVATE:
         if (a0 == 0) {
             write_cr3(mm.kernel_root);

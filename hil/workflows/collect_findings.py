@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=str(FINDINGS_DIR))
+    parser.add_argument("--only", action="append", default=[], metavar="CLAUSE",
+                        help="shrink only this clause (repeatable); the others are left as they are")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         firsts.setdefault((str(f.kind), f.clause), f.op_index)
     for (kind, clause), _index in sorted(firsts.items()):
+        if args.only and clause not in args.only:
+            continue
         name = f"{kind.lower()}-{clause.replace('/', '_')}"
         path = out_dir / f"{name}.jsonl"
         print(f"shrinking {kind} {clause} ...", file=sys.stderr)

@@ -395,22 +395,44 @@ def test_activate_and_probe_through_the_mmu(fresh: Session) -> None:
     assert s.cr3() & ~0xFFF == s.layout.kernel_root  # type: ignore[union-attr]
 
 
-def test_dropped_vm_space_leaks_its_table_and_keeps_being_walked(fresh: Session) -> None:
+def raw_rc(s: Session, paddr: int) -> int:
+    """The ref_count word of `paddr`'s metadata slot, read from guest memory (storage is 40 bytes)."""
+    assert s.memory is not None and s.layout is not None
+    return int.from_bytes(s.memory.read(s.layout.meta_base + 64 * (paddr // PAGE_SIZE) + 40, 8), "little")
+
+
+def test_dropped_vm_space_frees_its_tree_and_releases_each_pte(fresh: Session) -> None:
     s = fresh
     vs, c = new_space(s)
-    f, paddr = frame(s, 0)
-    ok(s, m.Map(cursor=c, frame=f))
-    mid = s.snapshot()
-    assert mid.cursors[c].vs == vs and mid.vm_spaces[vs].cursor == c
+    f0, p0 = frame(s, 0)
+    f1, p1 = frame(s, 1)
+    ok(s, m.Map(cursor=c, frame=f0))
+    ok(s, m.Map(cursor=c, frame=f1))
+    ok(s, m.Jump(cursor=c, va=GIB))  # a second L2/L1 path, the same frame again
+    ok(s, m.Map(cursor=c, frame=ok(s, m.FrameFromInUse(paddr=p0)).get("frame")))
+    keep = ok(s, m.FrameFromInUse(paddr=p1)).get("frame")  # p1: one PTE and one handle
     ok(s, m.DropCursor(cursor=c))
-    before = s.snapshot(mid)
-    assert c not in before.cursors and before.vm_spaces[vs].cursor == 0
-    assert before.slots == mid.slots  # dropping a cursor changes no ref count (§5.2)
+    ok(s, m.Activate(vs=vs))  # dropping the active VmSpace must leave CR3 on a live root
+    before = s.snapshot()
+    nodes = sorted(walk_tree(s.memory, before.vm_spaces[vs].root, user_half=True).nodes)  # type: ignore[arg-type]
+    assert len(nodes) == 6  # root, L3, two L2 and two L1 nodes
+    assert (raw_rc(s, p0), raw_rc(s, p1)) == (2, 2)
     ok(s, m.DropVmSpace(vs=vs))
     after = s.snapshot(before)
-    assert vs not in after.vm_spaces and vs in after.leaked
-    assert after.slot_of(paddr) == before.slot_of(paddr)
-    assert len(walk_tree(s.memory, after.leaked[vs].root).nodes) == 4  # type: ignore[arg-type]
+    assert vs not in after.vm_spaces and vs not in after.leaked
+    for pa in nodes:  # every node of the user tree torn down (drop_last_in_place)
+        assert raw_rc(s, pa) == REF_COUNT_UNUSED, hex(pa)
+        assert s.memory.read(s.layout.meta_base + 64 * (pa // PAGE_SIZE), 64)[:40] == bytes(40)  # type: ignore[union-attr]
+    assert raw_rc(s, p0) == REF_COUNT_UNUSED  # two PTEs: 2 -> 0
+    assert raw_rc(s, p1) == 1  # one PTE: 2 -> 1, the handle keeps it
+    assert after.frames[keep] == p1
+    # the kernel's shared level-3 nodes are untouched
+    for e in set(after.kernel_upper):
+        assert after.slot_of(e & 0x000F_FFFF_FFFF_F000).rc == before.slot_of(e & 0x000F_FFFF_FFFF_F000).rc
+    assert s.cr3() & ~0xFFF == s.layout.kernel_root  # type: ignore[union-attr]
+    # the guest still runs: a new VmSpace reuses the freed nodes
+    vs2, _ = new_space(s)
+    assert s.snapshot().vm_spaces[vs2].root in nodes
 
 
 def test_random_raw_requests_never_crash_or_hang(fresh: Session) -> None:

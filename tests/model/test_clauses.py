@@ -48,11 +48,34 @@ def sc_new_vs() -> Case4:
     return last(run)
 
 
-def sc_drop_vs() -> Case4:
+def exec_drop_vs() -> Case4:
     run, vs, c = mapped()
     run.ok(o.DropCursor(cursor=c))
     run.ok(o.DropVmSpace(vs=vs))
     return last(run)
+
+
+def sc_drop_vs() -> Case4:
+    """The state VS-DROP describes (nothing but the vm_spaces entry changes: the tree is kept
+    and still walked). Exec frees the tree instead: test_vs_drop_fails_on_exec."""
+    before, op, result, _ = exec_drop_vs()
+    assert isinstance(op, o.DropVmSpace)
+    view = before.vm_spaces[op.vs]
+    vm_spaces = {k: v for k, v in before.vm_spaces.items() if k != op.vs}
+    after = dataclasses.replace(before, vm_spaces=vm_spaces, leaked={**before.leaked, op.vs: view},
+                                parent=before, changed=frozenset())  # fmt: skip
+    return before, op, result, after
+
+
+def test_vs_drop_fails_on_exec() -> None:
+    """The SPEC finding VS-DROP: exec's drop frees the root and the tree and releases the mapped
+    frames; the clause says every slot is unchanged."""
+    before, op, result, after = exec_drop_vs()
+    antecedent, bad = run_clause("VS-DROP", (before, op, result, after))
+    assert antecedent
+    assert any(v.slot == T0 and "rc" in v.field for v in bad), [str(v) for v in bad]
+    root = frame_to_index(before.vm_spaces[op.vs].root)  # type: ignore[attr-defined]
+    assert any(v.slot == root for v in bad), [str(v) for v in bad]
 
 
 def sc_open() -> Case4:

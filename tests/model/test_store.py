@@ -69,15 +69,40 @@ def test_new_vm_space_kernel_root_entry_panic() -> None:
     assert run.state.slot_of(P0).rc == 1 and not run.state.vm_spaces  # root allocated, no VmSpace
 
 
-def test_drop_vm_space_leaks_tree() -> None:
-    run, vs, c = setup_mapped(1)
+def test_drop_vm_space_frees_tree() -> None:
+    """Exec drops the root PageTableNode: at its last reference on_drop frees the user tree
+    (every node's slot UNUSED) and each mapped frame loses one reference per PTE."""
+    run, vs, c = setup_mapped(2)
+    run.map_at(c, GiB // 2, 0)  # data(0) mapped twice (FrameFromInUse: rc 2 after the map)
+    keep = run.ok(o.FrameFromInUse(paddr=data(1))).get("frame")  # data(1): PTE + handle
     assert run.do(o.DropVmSpace(vs=vs)) == o.OpResult.err(ErrorCode.VM_SPACE_BUSY)
     run.ok(o.DropCursor(cursor=c))
+    nodes = sorted(run.state.vm_spaces[vs].nodes)
+    assert len(nodes) == 5  # root, L3, two L2 / L1 paths share the L3
     run.ok(o.DropVmSpace(vs=vs))
-    assert vs not in run.state.vm_spaces and vs in run.state.leaked
-    assert run.state.slot_of(data(0)).paths == {(0, 0, 0, 0)}  # still walked
+    s = run.state
+    assert vs not in s.vm_spaces and not s.leaked
+    for pa in nodes:
+        assert s.slot_of(pa).rc == REF_COUNT_UNUSED and s.slot_of(pa).usage == Usage.PAGE_TABLE
+        assert s.slot_of(pa).paths == frozenset() and s.slot_of(pa).refs == 0
+    assert s.slot_of(data(0)).rc == REF_COUNT_UNUSED  # two PTEs, two references
+    assert (s.slot_of(data(1)).rc, s.slot_of(data(1)).paths, s.slot_of(data(1)).refs) == (1, frozenset(), 0)
+    assert s.frames == {keep: data(1)}
     assert run.do(o.OpenCursor(vs=vs, start=0, end=GiB)) == o.OpResult.err(ErrorCode.BAD_ID)
     clean_inv(run)
+
+
+def test_drop_vm_space_root_held_by_a_handle() -> None:
+    """A FrameFromInUse handle on the root keeps it: the drop is rc - 1 and nothing else is
+    released (the tree is no longer walked)."""
+    run, vs, c = setup_mapped(1)
+    root = run.state.vm_spaces[vs].root
+    run.ok(o.FrameFromInUse(paddr=root))
+    run.ok(o.DropCursor(cursor=c))
+    run.ok(o.DropVmSpace(vs=vs))
+    s = run.state
+    assert s.slot_of(root).rc == 1 and s.slot_of(root).paths == frozenset()
+    assert s.slot_of(data(0)).rc == 1 and s.slot_of(data(0)).paths == frozenset()
 
 
 # --- cursor open / drop ------------------------------------------------------------------------
