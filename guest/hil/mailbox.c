@@ -45,6 +45,41 @@ static u64 op_probe(void) {
     return 0;
 }
 
+/* One MMU access of a probe entry: 1 no fault, 2 | error_code << 8 on a #PF. */
+static u64 probe_access(u64 va, u64 mode, u64 *value) {
+    if (hil_setjmp(&probe_recover) != 0)
+        return HIL_PROBE_FAULT | probe_error_code << 8;
+    probe_armed = 1;
+    if (mode & HIL_PROBE_READ)
+        *value = *(volatile u64 *)va;
+    if (mode & HIL_PROBE_WRITE)  /* a write that keeps the bytes (and sets D like any write) */
+        __asm__ volatile("lock addq $0, (%0)" ::"r"(va) : "memory");
+    if (mode & HIL_PROBE_EXEC)   /* the harness put a `ret` at va + PROBE_EXEC_OFFSET */
+        __asm__ volatile("call *%0" ::"r"(va + HIL_PROBE_EXEC_OFFSET)
+                         : "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
+    probe_armed = 0;
+    return HIL_PROBE_OK;
+}
+
+/* Run the probe entries of one phase (touch: before the op, to fill the TLB; else after). */
+static void run_probes(u64 n, bool touch) {
+    for (u64 i = 0; i < n; i++) {
+        volatile u64 *e = mb_word(HIL_OFF_PROBES + HIL_PROBE_ENTRY_SIZE * i);
+        u64 va = e[0], mode = e[1], value = 0;
+        if (!(mode & HIL_PROBE_TOUCH) != !touch)
+            continue;
+        if (touch) {
+            /* fill the TLB with every permission the walk grants (a read first, then a write
+             * so the entry also caches W once D is set); faults are expected for some */
+            probe_access(va, HIL_PROBE_READ, &value);
+            e[2] = probe_access(va, mode & (HIL_PROBE_READ | HIL_PROBE_WRITE), &value);
+        } else {
+            e[2] = probe_access(va, mode, &value);
+        }
+        e[3] = value;
+    }
+}
+
 static u64 op_raise_fault(void) {
     u64 kind = mb_arg(HIL_ARG_RAISE_FAULT_KIND);
     if (kind > 3)
@@ -67,7 +102,31 @@ static u64 op_raise_fault(void) {
     return 0;  /* unreachable: every kind faults */
 }
 
+#if HIL_FAULT_TEST
+/* Test builds only (guest/Makefile FAULT_TEST): the faults the harness must survive, from
+ * inside an op. The default build has none of this. */
+static void fault_test(void) {
+    static u64 nr_requests;
+    if (++nr_requests != HIL_FAULT_AT)
+        return;
+    serial_puts("fault test: injecting\n");
+    if (HIL_FAULT_TEST == 1) {
+        for (;;)
+            __asm__ volatile("pause");  /* hangs inside the op: the stop never comes */
+    } else if (HIL_FAULT_TEST == 2) {
+        struct { u16 limit; u64 base; } __attribute__((packed)) none = {0, 0};
+        __asm__ volatile("lidt %0; int3" ::"m"(none));  /* no IDT: #BP, #GP, #DF fail: triple fault */
+    } else if (HIL_FAULT_TEST == 3) {
+        op_recover_armed = 0;
+        hil_panic(0, "fault test: panic outside any op recovery");
+    }
+}
+#endif
+
 static u64 dispatch(u64 op) {
+#if HIL_FAULT_TEST
+    fault_test();
+#endif
     switch (op) {
     case HIL_OP_NOP:
         mb_result(HIL_RES_NOP_VALUE, mb_arg(HIL_ARG_NOP_VALUE));
@@ -122,6 +181,17 @@ static void run_op(void) {
     *mb_word(HIL_OFF_RESP_STATUS) = HIL_STATUS_NONE;
 
     u64 op = *mb_word(HIL_OFF_REQ_OP);
+    /* MMU probes around the op (hil/target/abi.py OFF_PROBE_*): touch, op, probe, in this one
+     * request so nothing between the touch and the probe evicts the TLB entries */
+    static u64 nprobe, saved_cr3;  /* static: live across the op's setjmp */
+    nprobe = *mb_word(HIL_OFF_PROBE_COUNT);
+    if (nprobe > HIL_PROBE_CAP)
+        nprobe = 0;
+    if (nprobe) {
+        saved_cr3 = read_cr3();
+        write_cr3(*mb_word(HIL_OFF_PROBE_ROOT));
+        run_probes(nprobe, true);
+    }
     if (hil_setjmp(&op_recover) == 0) {
         op_recover_armed = 1;
         u64 err = dispatch(op);
@@ -130,6 +200,12 @@ static void run_op(void) {
     }
     /* else: hil_panic / the exception handler already wrote status and code */
     op_recover_armed = 0;
+    if (nprobe) {
+        if (*mb_word(HIL_OFF_RESP_STATUS) == HIL_STATUS_OK)
+            run_probes(nprobe, false);
+        write_cr3(saved_cr3);
+        *mb_word(HIL_OFF_PROBE_COUNT) = 0;  /* consumed */
+    }
 }
 
 void hil_main_loop(void) {

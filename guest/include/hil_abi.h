@@ -14,6 +14,9 @@
 #define HIL_OFF_FLUSH_LOG 1024
 #define HIL_OFF_FLUSH_LOG_LEN 336
 #define HIL_OFF_MESSAGE 512
+#define HIL_OFF_PROBES 2064
+#define HIL_OFF_PROBE_COUNT 2056
+#define HIL_OFF_PROBE_ROOT 2048
 #define HIL_OFF_REQ_ARGS 16
 #define HIL_OFF_REQ_OP 8
 #define HIL_OFF_REQ_SEQ 0
@@ -26,6 +29,8 @@
 #define HIL_REG_COUNTERS 6
 #define HIL_REG_CURSOR 5
 #define HIL_REG_FRAME 1
+#define HIL_REG_FRAME_TYPE_OTHER 1
+#define HIL_REG_FRAME_TYPE_UFRAME 0
 #define HIL_REG_FREE 0
 #define HIL_REG_LEAKED_ROOT 7
 #define HIL_REG_SEGMENT 2
@@ -46,6 +51,15 @@
 #define HIL_FLUSH_LOG_CAP 128
 #define HIL_REGISTRY_ENTRY_SIZE 64
 #define HIL_LAYOUT_SIZE 144
+#define HIL_PROBE_CAP 60
+#define HIL_PROBE_ENTRY_SIZE 32
+#define HIL_PROBE_READ 1
+#define HIL_PROBE_WRITE 2
+#define HIL_PROBE_EXEC 4
+#define HIL_PROBE_TOUCH 8
+#define HIL_PROBE_EXEC_OFFSET 8
+#define HIL_PROBE_OK 1
+#define HIL_PROBE_FAULT 2
 #define HIL_FLUSH_LOG_ALL 0xffffffffffffffffULL
 
 /* layout block: u64 word indices */
@@ -93,6 +107,7 @@
 #define HIL_ERR_VM_SPACE_BUSY 13
 #define HIL_ERR_NO_SPACE 14
 #define HIL_ERR_BAD_ARG 15
+#define HIL_ERR_NOT_UFRAME 16
 
 /* panic codes (status PANIC) */
 #define HIL_PANIC_FIND_NEXT_LEN_UNALIGNED 1

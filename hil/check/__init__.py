@@ -7,6 +7,9 @@ Kinds (ARCHITECTURE "Why it exists"):
 - SPEC: a postcondition clause fails on the guest's real before/after state and the model's
   prediction fails it too: the trusted axiom does not describe exec behaviour.
 - INVARIANT: a structural / accounting invariant (S*, A*, M*) fails on the guest's state.
+- TLB: an MMU probe disagrees with the guest's page tables after the op (hil/check/oracles.py):
+  a translation the op changed is still used (a missing invalidation).
+- WALKER: QEMU's own translation disagrees with our walker's (hil/check/oracles.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Kind(enum.StrEnum):
     IMPL = "IMPL"
     SPEC = "SPEC"
     INVARIANT = "INVARIANT"
+    TLB = "TLB"
+    WALKER = "WALKER"
 
 
 def _jsonable(value: Any) -> Any:

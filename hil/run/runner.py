@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hil import check
-from hil.check import Finding, Kind
-from hil.errors import InfraError
+from hil.check import Finding, Kind, oracles
+from hil.errors import InfraError, TraceWriteError
+from hil.run.baseline import Baseline
 from hil.run.session import Session
 from hil.run.trace import Event, Poke, Record, TraceWriter
 from model import axioms, store
@@ -51,22 +52,30 @@ class Stats:
 class Runner:
     def __init__(
         self, session: Session, writer: TraceWriter | None = None, *,
-        stop_on_finding: bool = False, check_enabled: bool = True,
+        stop_on_finding: bool | str = False, check_enabled: bool = True, probes: bool = True,
+        baseline: Baseline | None = None,
     ):  # fmt: skip
         self.session = session
         self.writer = writer
-        self.stop_on_finding = stop_on_finding
+        # False / True (= "any": the first finding) / "new": the first finding not in `baseline`
+        self.stop_on_finding = "any" if stop_on_finding is True else stop_on_finding
+        if self.stop_on_finding == "new" and baseline is None:
+            raise ValueError("stop_on_finding='new' needs a baseline")
+        self.baseline = baseline
         self.check_enabled = check_enabled
         self.coverage = axioms.ClauseCoverage()
         self.stats = Stats()
         self.records: list[Record] = []
         self.state: State | None = None
         self.index = 0
+        self.probes_enabled = probes and check_enabled
+        self.probes: oracles.MmuProbes | None = None
 
     def start(self) -> list[Finding]:
         """Boot and check the invariants of the boot state (op index -1)."""
         self.session.boot()
         self.state = self.session.snapshot()
+        self._attach_oracles()
         if not self.check_enabled:
             return []
         empty = dataclasses.replace(self.state, anomalies=())
@@ -76,11 +85,19 @@ class Runner:
         self.session.reset()
         self.stats.reboots += 1
         self.state = self.session.snapshot()
+        self._attach_oracles()
+
+    def _attach_oracles(self) -> None:
+        """The oracles hold the session's memory reader and layout: new ones after each boot."""
+        if self.probes_enabled and self.session.memory is not None and self.session.layout is not None:
+            old = self.probes
+            self.probes = oracles.MmuProbes(self.session.memory, self.session.layout)
+            if old is not None:
+                self.probes.ops_probed, self.probes.probes_run = old.ops_probed, old.probes_run
 
     def step(self, event: Event) -> Record:
         assert self.state is not None
-        index = self.index
-        self.index += 1
+        index = self.index  # advanced by _record: an op lost to an infra error leaves no gap
         if isinstance(event, Poke):
             self.session.poke(event.paddr, event.data)
             rec = Record(index, event, None, [])
@@ -89,6 +106,10 @@ class Runner:
         op = event
         before = self.state
         t0 = time.perf_counter()
+        plan = self.probes.plan(before, op) if self.probes is not None else None
+        if plan is not None:
+            assert self.probes is not None
+            self.probes.write(plan)
         obs = self.session.apply(op)
         t1 = time.perf_counter()
         after = self.session.snapshot(before)
@@ -112,9 +133,13 @@ class Runner:
                     impl_clean=not findings, coverage=self.coverage,
                 )  # fmt: skip
                 findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
+            if plan is not None and self.probes is not None and obs.result.status == m.Status.OK:
+                findings += self.probes.check(index, plan, after)
             t4 = time.perf_counter()
             self.stats.model_s += t3 - t2
             self.stats.check_s += t4 - t3
+        rec = Record(index, op, obs.result, findings)
+        self._record(rec)  # first: the counts below never include an op the trace lacks
         self.stats.drive_s += t1 - t0
         self.stats.snapshot_s += t2 - t1
         self.stats.ops[type(op).__name__] += 1
@@ -122,8 +147,6 @@ class Runner:
         for f in findings:
             self.stats.findings[(str(f.kind), f.clause)] += 1
             self.stats.first_seen.setdefault((str(f.kind), f.clause), index)
-        rec = Record(index, op, obs.result, findings)
-        self._record(rec)
         if obs.result.status in REBOOT_STATUSES:
             self._reboot()
         else:
@@ -131,9 +154,10 @@ class Runner:
         return rec
 
     def _record(self, rec: Record) -> None:
-        self.records.append(rec)
         if self.writer is not None:
             self.writer.record(rec.index, rec.event, rec.result, rec.findings)
+        self.records.append(rec)
+        self.index = rec.index + 1
 
     def run(
         self, events: Iterable[Event] | Callable[[State], Event | None], count: int | None = None,
@@ -153,26 +177,42 @@ class Runner:
                 event = events(self.state)
             if event is None:
                 break
+            done_before = self.index
             try:
                 rec = self.step(event)
             except InfraError as exc:
                 # a generated workload goes on from a fresh machine (once in a row); a fixed event
                 # list cannot (later events name objects the lost op created): re-raise
-                if source is not None or last_retry == n:
+                if source is not None or last_retry == n or isinstance(exc, TraceWriteError):
                     raise
                 self.stats.infra_retries += 1
                 last_retry = n
+                # the op was recorded if only the reboot after it failed: it counts, once
+                done = self.index > done_before
                 if self.writer is not None:
-                    self.writer.note("infra-retry", index=self.index - 1, error=exc.what)
+                    # `lost`: the event the workload generated and no guest ran (hil run --resume
+                    # draws it again to stay in step with the seed)
+                    self.writer.note("infra-retry", index=self.index, error=exc.what,
+                                     lost=None if done else event.to_json())  # fmt: skip
                 self._reboot()
-                continue
+                if not done:
+                    continue
+                rec = self.records[-1]
             n += 1
             found += rec.findings
             if on_step:
                 on_step(rec)
-            if self.stop_on_finding and rec.findings:
+            if self._stops(rec):
                 break
         return found
+
+    def _stops(self, rec: Record) -> bool:
+        if not self.stop_on_finding or not rec.findings:
+            return False
+        if self.stop_on_finding == "new":
+            assert self.baseline is not None
+            return bool(self.baseline.new_in(rec.findings))
+        return True
 
 
 def kinds(findings: Iterable[Finding]) -> Counter[Kind]:

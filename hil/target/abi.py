@@ -44,6 +44,21 @@ MESSAGE_SIZE = 512
 OFF_FLUSH_LOG = 1024  # u64[FLUSH_LOG_CAP]
 FLUSH_LOG_CAP = 128
 FLUSH_LOG_ALL = (1 << 64) - 1  # entry meaning "full flush"
+# MMU probes around one op (hil/check/oracles.py): with OFF_PROBE_COUNT > 0 the guest loads
+# CR3 = OFF_PROBE_ROOT, runs the TOUCH entries, the op, then the other entries, restores CR3 and
+# zeroes OFF_PROBE_COUNT (the request is consumed). Entry: u64 va, u64 mode, u64 outcome, u64 value.
+OFF_PROBE_ROOT = 2048
+OFF_PROBE_COUNT = 2056
+OFF_PROBES = 2064  # PROBE_CAP entries of PROBE_ENTRY_SIZE bytes
+PROBE_CAP = 60
+PROBE_ENTRY_SIZE = 32
+PROBE_READ = 1  # mode bits: read a u64 (value = what was read)
+PROBE_WRITE = 2  # `lock add $0`: a write that keeps the bytes
+PROBE_EXEC = 4  # call va + PROBE_EXEC_OFFSET (the harness puts a `ret` there)
+PROBE_TOUCH = 8  # run before the op (to fill the TLB), not after it
+PROBE_EXEC_OFFSET = 8
+PROBE_OK = 1  # outcome word: 1 no fault; 2 | error_code << 8 a #PF
+PROBE_FAULT = 2
 
 # --- layout block (symbol `hil_layout`, u64 words) ------------------------------------
 LAYOUT_FIELDS = (
@@ -99,7 +114,7 @@ class Layout:
 # --- handle registry (registry_entries entries of 64 bytes) ----------------------------
 REGISTRY_ENTRY_SIZE = 64
 REG_FREE = 0
-REG_FRAME = 1  # w0 paddr
+REG_FRAME = 1  # w0 paddr, w1 handle type (REG_FRAME_TYPE_*)
 REG_SEGMENT = 2  # w0 start, w1 end
 REG_UNIQUE = 3  # w0 paddr
 REG_VM_SPACE = 4  # w0 root paddr, w1 live cursor id (0 none)
@@ -107,6 +122,12 @@ REG_CURSOR = 5  # w0 vs id, w1 mutable, w2 barrier start, w3 barrier end, w4 va,
 #                 w5 level | guard_level << 8
 REG_COUNTERS = 6  # entry 0 only: w0..w4 next id of vm_space, cursor, frame, segment, unique
 REG_LEAKED_ROOT = 7  # a dropped VmSpace's root (still walked): id = its old vs id, w0 root
+#                      (no longer written: a dropped VmSpace frees its tree; kept for old images)
+# A frame handle's type, as exec types it: UFrame (the slot's metadata is untyped: a data frame)
+# or any other Frame<dyn AnyFrameMeta> that from_in_use returned (a page-table node, metadata,
+# kernel frame), which `map` cannot take (ERR NOT_UFRAME).
+REG_FRAME_TYPE_UFRAME = 0
+REG_FRAME_TYPE_OTHER = 1
 # entry: u64 kind, u64 id, u64 w[6]
 
 # --- metadata slot layout (spec §4.1, our choices for storage) --------------------------
@@ -248,7 +269,9 @@ def render_header() -> str:
         if name.startswith(("OFF_", "SLOT_OFF_", "REG_")) and isinstance(value, int):
             out.append(f"#define HIL_{name} {value}")
     for name in ("MAILBOX_SIZE", "NR_ARGS", "NR_RESULTS", "MESSAGE_SIZE", "FLUSH_LOG_CAP",
-                 "REGISTRY_ENTRY_SIZE", "LAYOUT_SIZE"):  # fmt: skip
+                 "REGISTRY_ENTRY_SIZE", "LAYOUT_SIZE", "PROBE_CAP", "PROBE_ENTRY_SIZE", "PROBE_READ",
+                 "PROBE_WRITE", "PROBE_EXEC", "PROBE_TOUCH", "PROBE_EXEC_OFFSET", "PROBE_OK",
+                 "PROBE_FAULT"):  # fmt: skip
         out.append(f"#define HIL_{name} {globals()[name]}")
     out.append(f"#define HIL_FLUSH_LOG_ALL {FLUSH_LOG_ALL:#x}ULL")
     out.append("")

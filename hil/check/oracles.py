@@ -1,0 +1,227 @@
+"""Oracles that share neither the model's nor the walker's assumptions (ARCHITECTURE "Oracles").
+
+- MMU probes (`MmuProbes`): around every op that may change a translation (map, unmap,
+  protect_next) the guest, with the op's VmSpace in CR3, touches the VAs the op affects
+  (filling the TLB), runs the op, then reads / writes / executes them again, all inside the
+  one request (hil/target/abi.py OFF_PROBE_*), so nothing in between evicts the entries.
+  Each data frame carries a per-frame marker (and a `ret` for the exec probe), so a stale
+  translation to another frame reads the wrong marker. The expected outcome of each probe is
+  the walker's translation of the guest's page tables *after* the op: a difference is
+  the MMU using something memory no longer says, i.e. a missing invalidation (Kind.TLB).
+- QEMU's own translation (`QemuTranslation`): QEMU's `info tlb` (a walk of the active root
+  by QEMU's monitor code) against our walker's rendering of the same tree (Kind.WALKER).
+- The flush log (`flush_findings`): the invalidations exec must issue for an op (per page
+  or all), predicted from the model's before/after, against the guest's log (Kind.IMPL).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from hil.check import Finding, Kind
+from hil.observe.snapshot import Outcome, translate
+from hil.target import abi
+from hil.target.memory import PhysMemory
+from model import ops as m
+from model.state import State
+from model.types import PAGE_SIZE, USER_VA_END
+
+MARKER_BASE = 0x4D4B_0000_0000_0000  # "MK": marker = MARKER_BASE ^ paddr, at offset 0 of a data frame
+RET = 0xC3
+_ENTRY = struct.Struct("<4Q")
+# A 512 GiB unmap may cover many mapped pages: probe the first ones from the cursor (the op
+# changes them all the same way; a missed flush shows on any of them)
+MAX_VAS = 14
+
+
+def marker(paddr: int) -> int:
+    return MARKER_BASE ^ paddr
+
+
+@dataclass(frozen=True)
+class ProbeEntry:
+    va: int
+    mode: int  # abi.PROBE_* bits
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What one VA allows under one set of tables (the walker's MMU view)."""
+
+    read: bool
+    write: bool
+    exec: bool
+    value: int | None  # the u64 at the translated address
+    pa: int | None
+    walk: str
+
+    def allows(self, mode: int) -> bool:
+        if mode & abi.PROBE_READ:
+            return self.read
+        if mode & abi.PROBE_WRITE:
+            return self.write
+        return self.exec
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    vs: int
+    root: int
+    entries: tuple[ProbeEntry, ...]
+    # exec invalidates these VAs (or all): the MMU must follow the new tables; elsewhere the
+    # old translation may survive (protect_next issues no flush, spec §5.9), so either is right
+    coherent: bool = True
+    before: tuple[tuple[int, Expect], ...] = ()
+
+    def vas(self) -> list[int]:
+        return sorted({e.va for e in self.entries})
+
+
+def _affected(before: State, op: m.Op) -> tuple[int, int, int] | None:
+    """(vs, lo, hi): the VA range whose translations `op` may change, or None."""
+    if not isinstance(op, (m.Map, m.Unmap, m.ProtectNext)):
+        return None
+    cur = before.cursors.get(op.cursor)
+    if cur is None or not cur.mutable or cur.vs not in before.vm_spaces:
+        return None
+    if isinstance(op, m.Map):
+        # past the barrier map panics; probing there could even touch a non-canonical VA (#GP)
+        return (cur.vs, cur.va, cur.va + PAGE_SIZE) if cur.va + PAGE_SIZE <= min(cur.end, USER_VA_END) else None
+    if op.len % PAGE_SIZE or cur.va + op.len > cur.end:
+        return None  # panics: the op changes nothing
+    return cur.vs, cur.va, min(cur.va + op.len, USER_VA_END)
+
+
+class MmuProbes:
+    """Plans the probes of one op, writes them into the mailbox, checks the outcomes."""
+
+    def __init__(self, memory: PhysMemory, layout: abi.Layout):
+        self.memory = memory
+        self.layout = layout
+        self.ops_probed = 0
+        self.probes_run = 0
+
+    def _data_frame(self, paddr: int) -> bool:
+        return self.layout.data_pool_start <= paddr < self.layout.data_pool_end
+
+    def _mark(self, paddr: int) -> None:
+        want = struct.pack("<QB", marker(paddr), RET)
+        if self.memory.read(paddr, len(want)) != want:
+            self.memory.write(paddr, want)
+
+    def expect(self, root: int, va: int) -> Expect:
+        walk = translate(self.memory, root, va)
+        if walk.outcome is not Outcome.LEAF or walk.pa is None:
+            return Expect(False, False, False, None, None, walk.describe())
+        value = int.from_bytes(self.memory.read(walk.pa & ~7, 8), "little")
+        return Expect(True, walk.writable, walk.executable, value, walk.pa, walk.describe())
+
+    def plan(self, before: State, op: m.Op) -> ProbePlan | None:
+        aff = _affected(before, op)
+        if aff is None:
+            return None
+        vs, lo, hi = aff
+        view = before.vm_spaces[vs]
+        mapped = view.mappings()
+        vas = sorted(va for va in mapped if lo <= va < hi)[:MAX_VAS]
+        new_safe = True  # the frame the op puts at the VA (map only) holds our `ret`
+        if isinstance(op, m.Map):
+            vas = [lo]
+            fpa = before.frames.get(op.frame)
+            new_safe = fpa is not None and self._data_frame(fpa)
+            if new_safe and fpa is not None:
+                self._mark(fpa)
+        if not vas:
+            return None
+        entries: list[ProbeEntry] = []
+        for va in vas:
+            old = mapped.get(va)
+            old_safe = old is None or self._data_frame(old.paddr)
+            if old is not None and old_safe:
+                self._mark(old.paddr)
+            entries.append(ProbeEntry(va, abi.PROBE_TOUCH | abi.PROBE_READ | abi.PROBE_WRITE))
+            entries.append(ProbeEntry(va, abi.PROBE_READ))
+            if not isinstance(op, m.Unmap):
+                entries.append(ProbeEntry(va, abi.PROBE_WRITE))
+                if old_safe and new_safe:
+                    # exec only where whatever the TLB may still hold is a marked frame (a `ret`)
+                    entries.append(ProbeEntry(va, abi.PROBE_EXEC))
+        return ProbePlan(vs, view.root, tuple(entries[: abi.PROBE_CAP]), not isinstance(op, m.ProtectNext),
+                         tuple((va, self.expect(view.root, va)) for va in vas))  # fmt: skip
+
+    def write(self, plan: ProbePlan) -> None:
+        """Into the mailbox before the request (the guest reads it when it sees the new seq)."""
+        base = self.layout.mailbox
+        body = b"".join(_ENTRY.pack(e.va, e.mode, 0, 0) for e in plan.entries)
+        self.memory.write(base + abi.OFF_PROBES, body)
+        self.memory.write(base + abi.OFF_PROBE_ROOT, struct.pack("<QQ", plan.root, len(plan.entries)))
+
+    def check(self, index: int, plan: ProbePlan, after: State) -> list[Finding]:
+        """Compare each probe with the walker's translation of the guest's tables after the op."""
+        self.ops_probed += 1
+        raw = self.memory.read(self.layout.mailbox + abi.OFF_PROBES, abi.PROBE_ENTRY_SIZE * len(plan.entries))
+        view = after.vm_spaces.get(plan.vs)
+        if view is None:
+            return []
+        old = dict(plan.before)
+        new: dict[int, Expect] = {}
+        out: list[Finding] = []
+        for i, e in enumerate(plan.entries):
+            _va, _mode, outcome, value = _ENTRY.unpack_from(raw, i * abi.PROBE_ENTRY_SIZE)
+            if e.mode & abi.PROBE_TOUCH:
+                continue
+            self.probes_run += 1
+            what = "read" if e.mode & abi.PROBE_READ else "write" if e.mode & abi.PROBE_WRITE else "exec"
+            if outcome == 0:
+                out.append(
+                    Finding(
+                        Kind.TLB,
+                        index,
+                        "PROBE",
+                        "not_run",
+                        vs=plan.vs,
+                        va=e.va,
+                        message="the guest did not run the probe (an image without MMU probes?)",
+                    )
+                )
+                continue
+            if e.va not in new:
+                new[e.va] = self.expect(view.root, e.va)
+            want = new[e.va]
+            if what == "exec" and want.exec and want.pa is not None and not self._data_frame(want.pa & ~0xFFF):
+                continue  # never planned that way: a frame without our `ret`
+            faulted = outcome & 0xFF == abi.PROBE_FAULT
+            got_value = value if what == "read" and not faulted else None
+
+            def matches(x: Expect, faulted: bool = faulted, got: int | None = got_value, mode: int = e.mode) -> bool:
+                return faulted == (not x.allows(mode)) and (got is None or got == x.value)
+
+            if matches(want) or (not plan.coherent and e.va in old and matches(old[e.va])):
+                continue
+            g: object
+            mdl: object
+            if faulted != (not want.allows(e.mode)):
+                field_, g, mdl = (
+                    what,
+                    "fault" if faulted else "no fault",
+                    "fault" if not want.allows(e.mode) else "no fault",
+                )
+                msg = "the MMU disagrees with the page tables after the op (stale TLB entry?)"
+            else:
+                field_, g, mdl = "value", got_value, want.value
+                msg = "the MMU read another frame than the tables map (stale TLB entry?)"
+            out.append(
+                Finding(
+                    Kind.TLB,
+                    index,
+                    "PROBE",
+                    field_,
+                    vs=plan.vs,
+                    va=e.va,
+                    guest=g,
+                    model=mdl,
+                    message=f"{msg}; error code {outcome >> 8:#x}; tables: {want.walk}",
+                )
+            )
+        return out
