@@ -4,12 +4,14 @@ usage error, 130 interrupted (Ctrl-C / SIGTERM; the trace is kept, marked interr
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hil import argtypes
 from hil.errors import AbiError, ConfigError, HilError, InfraError
 from hil.run.runner import Runner
 from hil.run.session import Session
@@ -67,19 +69,30 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hil.run import resume
     from hil.run.workload import Workload, WorkloadConfig
 
+    point = resume.load(Path(args.resume)) if args.resume else None
+    if point is not None:  # the run goes on as it started: its seed, image, profile, length
+        h = point.header
+        args.seed, args.ops, args.image, args.profile = h["seed"], h["ops"], h["image"], h["profile"]
+        args.error_rate, args.trace = h.get("error_rate", args.error_rate), args.resume
     profile = Profile.load(args.profile)
     image = Path(args.image)
     session = Session(image=image, profile=profile, shared_ram=not args.gdb_only)
+    if point is not None and point.header.get("guest_build_id") != session.elf.build_id:
+        raise ConfigError(f"{args.resume}: recorded on guest build {point.header.get('guest_build_id')}, "
+                          f"{image} is build {session.elf.build_id}; a run resumes only on its own build")  # fmt: skip
     trace_path = Path(args.trace) if args.trace else Path("traces") / f"run-seed{args.seed}-{int(time.time())}.jsonl"
     header = {
         "guest_build_id": session.elf.build_id, "image": str(image), "profile": profile.name,
-        "seed": args.seed, "ops": args.ops, "versions": versions(), "started": now(),
+        "seed": args.seed, "ops": args.ops, "error_rate": args.error_rate, "versions": versions(), "started": now(),
     }  # fmt: skip
-    writer = TraceWriter(trace_path, header)
+    resume_line = {"from_index": point.done, "started": now()} if point is not None else None
+    writer = TraceWriter(trace_path, header, resume=resume_line)
     runner = Runner(session, writer, stop_on_finding=args.stop_on_finding)
     status = "interrupted"
+    error: dict[str, str] = {}
     findings_total = 0
     boot_findings: list = []
     t_last = 0.0
@@ -90,6 +103,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f.describe(), file=sys.stderr)
         assert session.layout is not None
         workload = Workload(args.seed, session.layout, WorkloadConfig(error_rate=args.error_rate))
+        done = 0
+        if point is not None:
+            runner.writer = None  # the ops already in the trace are re-run, not written again
+            resume.replay_into(runner, workload, point)
+            runner.writer, done = writer, point.done
+            findings_total += sum(len(r.findings) for r in runner.records)
+            print(f"resumed {trace_path} after op {done - 1}: {args.ops - done} ops to go", file=sys.stderr)
 
         shown: set[tuple[str, str, str]] = set()
 
@@ -106,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sys.stderr.write(_progress(args.ops, rec.index + 1, runner.stats.rate(), findings_total))
                 sys.stderr.flush()
 
-        runner.run(workload, count=args.ops, on_step=on_step)
+        runner.run(workload, count=args.ops - done, on_step=on_step)
         status = "complete"
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -116,9 +136,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         session.close()
         print(f"trace (complete up to the last finished op): {trace_path}", file=sys.stderr)
         return EXIT_INFRA
+    except Exception as exc:
+        # a harness bug or bad input met mid-run: exit 2 (never 1, which means findings), trace kept
+        status, error = "error", {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"\ntrace (complete up to the last finished op): {trace_path}", file=sys.stderr)
+        raise
     finally:
         session.close()
-        writer.close(status, finished=now(), ops_done=runner.stats.total_ops)
+        writer.close(status, finished=now(), ops_done=runner.stats.total_ops, **error)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(summary(runner, trace_path, len(boot_findings)))
@@ -191,50 +216,76 @@ def cmd_shrink(args: argparse.Namespace) -> int:
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
+    # once: a second Ctrl-C must not cut the clean-up (ending QEMU and gdb, closing the trace)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _internal_error(exc: BaseException) -> str:
+    import traceback
+
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    return (f"hil: internal error (not a finding): {type(exc).__name__}: {exc}{at}; "
+            "run with HIL_DEBUG=1 for the traceback")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hil", description="Hardware-in-the-loop checker for OSTD's page-table API")
+    parser = argtypes.Parser(prog="hil", description="Hardware-in-the-loop checker for OSTD's page-table API")
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="a checked run of a seeded random workload")
-    run.add_argument("--ops", type=int, default=3000)
-    run.add_argument("--seed", type=int, default=1)
-    run.add_argument("--profile", default="default")
-    run.add_argument("--image", default=str(DEFAULT_IMAGE))
-    run.add_argument("--trace", help="trace file (default traces/run-seed<S>-<time>.jsonl)")
-    run.add_argument("--error-rate", type=float, default=0.04)
+    run.add_argument("--ops", type=argtypes.positive_int, default=3000)
+    run.add_argument("--seed", type=argtypes.seed, default=1)
+    run.add_argument("--profile", type=argtypes.profile, default="default")
+    run.add_argument("--image", type=argtypes.guest_image, default=str(DEFAULT_IMAGE))
+    run.add_argument("--trace", type=argtypes.output_file, help="trace file (default traces/run-seed<S>-<time>.jsonl)")
+    run.add_argument("--resume", metavar="TRACE", type=argtypes.readable_file,
+                     help="continue an interrupted run from its last finished op (its seed, image, profile)")
+    run.add_argument("--error-rate", type=argtypes.rate, default=0.04)
     run.add_argument("--stop-on-finding", action="store_true")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
     run.add_argument("--show", choices=("new", "all", "none"), default="new",
                      help="print findings as they come: the first of each kind/clause/field (default), all, none")
     run.set_defaults(fn=cmd_run)
     rep = sub.add_parser("replay", help="re-run a trace and report any difference")
-    rep.add_argument("trace")
-    rep.add_argument("--image")
-    rep.add_argument("--profile")
+    rep.add_argument("trace", type=argtypes.readable_file)
+    rep.add_argument("--image", type=argtypes.guest_image)
+    rep.add_argument("--profile", type=argtypes.profile)
     rep.set_defaults(fn=cmd_replay)
     shr = sub.add_parser("shrink", help="minimise a failing trace (delta debugging)")
-    shr.add_argument("trace")
+    shr.add_argument("trace", type=argtypes.readable_file)
     shr.add_argument("--clause", help="shrink for the first finding with this clause (default: the first finding)")
-    shr.add_argument("--out")
-    shr.add_argument("--regression", metavar="NAME", help="also write tests/data/regressions/test_NAME.py")
-    shr.add_argument("--image")
-    shr.add_argument("--profile")
+    shr.add_argument("--out", type=argtypes.output_file)
+    shr.add_argument("--regression", metavar="NAME", type=argtypes.name,
+                     help="also write tests/data/regressions/test_NAME.py")
+    shr.add_argument("--image", type=argtypes.guest_image)
+    shr.add_argument("--profile", type=argtypes.profile)
     shr.add_argument("-v", "--verbose", action="store_true")
     shr.set_defaults(fn=cmd_shrink)
     args = parser.parse_args(argv)
     # SIGTERM ends the run like Ctrl-C: every `finally` runs, QEMU and gdb are ended by PID,
     # the trace is closed as interrupted
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         code: int = args.fn(args)
         return code
+    except KeyboardInterrupt:  # before or after a command's own handling (start-up, clean-up)
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, AbiError, TraceError) as exc:
         print(f"hil: {exc}", file=sys.stderr)
         return EXIT_INFRA
     except HilError as exc:
         print(f"hil: {exc}", file=sys.stderr)
+        return EXIT_INFRA
+    except Exception as exc:
+        if os.environ.get("HIL_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(_internal_error(exc), file=sys.stderr)
         return EXIT_INFRA
 
 

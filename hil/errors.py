@@ -40,6 +40,16 @@ class InfraError(HilError):
         return "\n".join(parts)
 
 
+class InfraTimeout(InfraError):
+    """A deadline passed (a stop, a reply, a socket). Its own type, so that "gdb exited" or
+    "QEMU was killed" is never relabelled as "did not stop within"."""
+
+
+class TraceWriteError(InfraError):
+    """The trace could not be written (full disk, I/O error): the run ends, exit 2, and what
+    was written before stays readable."""
+
+
 class ConfigError(HilError):
     """Bad input from the user: unknown profile key, missing image, bad trace..."""
 

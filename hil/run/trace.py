@@ -6,6 +6,7 @@ Reading is strict: a corrupt, truncated or wrong-version trace is a clear `Trace
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hil.check import Finding
+from hil.errors import TraceWriteError
 from model import ops as m
 
 TRACE_VERSION = 1
+END_STATUSES = ("complete", "interrupted", "infra-error", "error")
 
 
 class TraceError(ValueError):
@@ -97,16 +100,41 @@ def versions() -> dict[str, str]:
 class TraceWriter:
     """Appends lines and flushes each: `hil run` can die at any moment and keep its trace."""
 
-    def __init__(self, path: Path, header: dict[str, Any]):
+    def __init__(self, path: Path, header: dict[str, Any], *, resume: dict[str, Any] | None = None):
+        """A new trace, or (`resume`) one more leg appended to an interrupted trace: its end
+        line stays, a `resume` line reopens it (the file is only ever appended to)."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: TextIO | None = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._write({"type": "header", "version": TRACE_VERSION, **header})
+        self.lines = 0  # lines written by this writer
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh: TextIO | None = open(path, "a" if resume is not None else "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise TraceWriteError(f"cannot open the trace {path} for writing: {exc}") from exc
+        if resume is not None:
+            self._write({"type": "resume", **resume})
+        else:
+            self._write({"type": "header", "version": TRACE_VERSION, **header})
 
     def _write(self, obj: dict[str, Any]) -> None:
-        assert self._fh is not None
-        self._fh.write(json.dumps(obj, sort_keys=True) + "\n")
-        self._fh.flush()
+        if self._fh is None:
+            raise TraceWriteError(f"the trace {self.path} is closed")
+        try:
+            self._fh.write(json.dumps(obj, sort_keys=True) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            self._abandon()
+            raise TraceWriteError(
+                f"cannot write the trace {self.path}: {exc}; its first {self.lines} lines are kept"
+            ) from exc
+        self.lines += 1
+
+    def _abandon(self) -> None:
+        """After a write error: close without writing more (the buffer may hold a part line)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            # close() retries the failed flush, then closes the file descriptor whatever happens
+            with contextlib.suppress(OSError):
+                fh.close()
 
     def record(self, index: int, event: Event, result: m.OpResult | None, findings: list[Finding]) -> None:
         line: dict[str, Any] = {"type": "event", "index": index, "event": event.to_json()}
@@ -119,14 +147,23 @@ class TraceWriter:
         """A harness event that is not an op (e.g. an infrastructure retry)."""
         self._write({"type": "note", "what": what, **extra})
 
+    @property
+    def closed(self) -> bool:
+        return self._fh is None
+
     def close(self, status: str, **extra: Any) -> None:
+        """Write the end line and close. After a write error there is nothing more to write."""
         if self._fh is None:
             return
         self._write({"type": "end", "status": status, **extra})
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
+        fh, self._fh = self._fh, None
+        try:
+            os.fsync(fh.fileno())
+            fh.close()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                fh.close()
+            raise TraceWriteError(f"cannot write the trace {self.path}: {exc}") from exc
 
 
 def now() -> str:
@@ -134,12 +171,26 @@ def now() -> str:
 
 
 def read_trace(path: Path) -> Trace:
+    """Strict: every line whole and of a known type, the first a header of our version, events
+    numbered 0, 1, 2... in order, nothing after the end line but a `resume` (an interrupted run
+    continued with `hil run --resume`)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, not a trace") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read: {exc}") from exc
+    lines = text.splitlines()
     if not lines:
         raise TraceError(f"{path}: empty trace")
+    if not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            raise TraceError(
+                f"{path}:{len(lines)}: truncated line (the run was cut off while writing it); "
+                f"the {len(lines) - 1} lines before it are whole"
+            ) from None
     records: list[Record] = []
     header: dict[str, Any] | None = None
     end: dict[str, Any] | None = None
@@ -160,9 +211,17 @@ def read_trace(path: Path) -> Trace:
             header = obj
             continue
         if end is not None:
-            raise TraceError(f"{path}:{n}: records after the end line")
+            if kind != "resume":
+                raise TraceError(f"{path}:{n}: records after the end line")
+            end = None
+            notes.append(obj)
+            continue
         if kind == "end":
+            if obj.get("status") not in END_STATUSES:
+                raise TraceError(f"{path}:{n}: unknown end status {obj.get('status')!r}")
             end = obj
+        elif kind == "resume":
+            raise TraceError(f"{path}:{n}: a resume line without an end line before it")
         elif kind == "note":
             notes.append(obj)
         elif kind == "event":
@@ -171,8 +230,10 @@ def read_trace(path: Path) -> Trace:
                 result = m.OpResult.from_json(obj["result"]) if "result" in obj else None
                 findings = [Finding.from_json(f) for f in obj.get("findings", [])]
                 index = int(obj["index"])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise TraceError(f"{path}:{n}: bad event record: {exc}") from exc
+            if index != len(records):
+                raise TraceError(f"{path}:{n}: event index {index}, expected {len(records)} (events lost or reordered)")
             records.append(Record(index, event, result, findings))
         else:
             raise TraceError(f"{path}:{n}: unknown record type {kind!r}")

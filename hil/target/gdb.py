@@ -18,7 +18,7 @@ from typing import Any
 
 from pygdbmi import gdbmiparser
 
-from hil.errors import InfraError, timeout_scale
+from hil.errors import InfraError, InfraTimeout, timeout_scale
 from hil.target.proc import die_with_parent, end_process
 
 GDB_BINARY = "gdb"
@@ -39,13 +39,16 @@ class Gdb:
         self._token = 100
         self._buf = b""
         self._pending: list[dict[str, Any]] = []
-        # callable(what) -> InfraError, so failures carry the QEMU command line and logs
-        self._on_infra = on_infra or (lambda what: InfraError(what))
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [GDB_BINARY, "--nx", "--quiet", "--interpreter=mi3"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=die_with_parent,
-        )  # fmt: skip
+        # callable(what, kind) -> InfraError, so failures carry the QEMU command line and logs
+        self._on_infra = on_infra or (lambda what, kind=InfraError: kind(what))
+        try:
+            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [GDB_BINARY, "--nx", "--quiet", "--interpreter=mi3"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )  # fmt: skip
+        except OSError as exc:
+            raise InfraError(f"cannot start {GDB_BINARY}: {exc} (scripts/setup installs it)") from exc
         self._sel = selectors.DefaultSelector()
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -55,8 +58,8 @@ class Gdb:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def infra(self, what: str) -> InfraError:
-        err: InfraError = self._on_infra(what)
+    def infra(self, what: str, kind: type[InfraError] = InfraError) -> InfraError:
+        err: InfraError = self._on_infra(what, kind) if kind is not InfraError else self._on_infra(what)
         return err
 
     # --- low-level I/O ---------------------------------------------------------------
@@ -68,7 +71,7 @@ class Gdb:
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self.infra("gdb did not answer before its deadline")
+                raise self.infra("gdb did not answer before its deadline", InfraTimeout)
             if not self._sel.select(timeout=remaining):
                 continue
             chunk = self.proc.stdout.read(1 << 20)
@@ -80,19 +83,28 @@ class Gdb:
         text = line.decode("utf-8", "replace").rstrip("\r")
         if not text or text == "(gdb) ":
             return {"type": "prompt"}
-        return gdbmiparser.parse_response(text)
+        try:
+            rec: dict[str, Any] = gdbmiparser.parse_response(text)
+        except Exception as exc:  # the parser's own errors on a garbled line (garbage on the pipe)
+            raise self.infra(f"gdb sent a line that is not gdb/MI: {text[:200]!r} ({exc})") from exc
+        return rec
+
+    def _send(self, cmd: str) -> int:
+        """Write one MI command with a fresh token (one broken-pipe guard for every command)."""
+        if self.proc is None or self.proc.stdin is None:
+            raise self.infra(f"gdb is closed (sending {cmd!r})")
+        self._token += 1
+        try:
+            self.proc.stdin.write(f"{self._token}{cmd}\n".encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError) as exc:
+            raise self.infra(f"gdb is gone (status {self.proc.poll()}, writing {cmd!r})") from exc
+        return self._token
 
     def command(self, cmd: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """Send one MI command; return its result record (`^done`/`^running`/`^connected`).
         `^error` raises InfraError with gdb's message."""
-        assert self.proc is not None and self.proc.stdin is not None
-        self._token += 1
-        token = self._token
-        try:
-            self.proc.stdin.write(f"{token}{cmd}\n".encode())
-            self.proc.stdin.flush()
-        except BrokenPipeError as exc:
-            raise self.infra(f"gdb is gone (writing {cmd!r})") from exc
+        token = self._send(cmd)
         deadline = time.monotonic() + timeout_s * timeout_scale()
         early: list[dict[str, Any]] = []
         while True:
@@ -109,11 +121,7 @@ class Gdb:
     def console(self, cli: str, timeout_s: float = 10.0) -> str:
         """Run a CLI command through MI and return what it printed to the console."""
         escaped = cli.replace("\\", "\\\\").replace('"', '\\"')
-        assert self.proc is not None and self.proc.stdin is not None
-        self._token += 1
-        token = self._token
-        self.proc.stdin.write(f'{token}-interpreter-exec console "{escaped}"\n'.encode())
-        self.proc.stdin.flush()
+        token = self._send(f'-interpreter-exec console "{escaped}"')
         deadline = time.monotonic() + timeout_s * timeout_scale()
         out: list[str] = []
         early: list[dict[str, Any]] = []
@@ -135,8 +143,13 @@ class Gdb:
         while True:
             try:
                 rec = self._records(deadline)
-            except InfraError:
-                raise self.infra(f"the guest did not stop within {timeout_s * timeout_scale():.1f} s") from None
+            except InfraTimeout:
+                raise self.infra(
+                    f"the guest did not stop within {timeout_s * timeout_scale():.1f} s", InfraTimeout
+                ) from None
+            if rec.get("type") == "notify" and rec.get("message") == "thread-group-exited":
+                # QEMU went away (or closed its stub) while the guest ran: no stop will come
+                raise self.infra("the connection to QEMU's gdb stub was lost while the guest ran")
             if rec.get("type") == "notify" and rec.get("message") == "stopped":
                 payload = rec.get("payload") or {}
                 frame = payload.get("frame") or {}

@@ -107,6 +107,10 @@ class Machine:
     )
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
+    # stop() moves qemu.log and serial.log here (CI and nightly artifacts) instead of deleting them
+    log_dir: Path | None = field(default_factory=lambda: Path(d) if (d := os.environ.get("HIL_LOG_DIR")) else None)
+    returncode: int | None = None  # kept after stop(): negative = killed by that signal
+    _signalled: bool = False  # we sent QEMU a signal (stop()); any other death is reported as such
 
     def __post_init__(self) -> None:
         self.run_dir = Path("/tmp") / f"{RUN_PREFIX}{self.tag}"
@@ -153,10 +157,37 @@ class Machine:
     def logs(self) -> dict[str, str]:
         return {"QEMU stderr": _tail(self.qemu_log), "serial log": _tail(self.serial_log)}
 
-    def infra(self, what: str) -> InfraError:
-        return InfraError(what, argv=self.argv, logs=self.logs())
+    def fate(self) -> str:
+        """How QEMU ended, if it did: "QEMU was killed by signal 9 (not sent by the harness)"."""
+        rc = self.returncode
+        if self.proc is not None:
+            # a lost connection is often seen a moment before QEMU's exit can be reaped
+            try:
+                rc = self.proc.wait(timeout=0.2 * timeout_scale())
+            except subprocess.TimeoutExpired:
+                return ""
+        if rc is None:
+            return ""
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            by = "sent by the harness" if self._signalled else "not sent by the harness"
+            return f"QEMU was killed by {name} ({by})"
+        if rc == 0 and not self._signalled:
+            return "QEMU exited with status 0 (under -no-reboot, a guest triple fault or reset ends QEMU)"
+        return f"QEMU exited with status {rc}"
+
+    def infra(self, what: str, kind: type[InfraError] = InfraError) -> InfraError:
+        fate = self.fate()
+        if fate and fate not in what:
+            what = f"{what}; {fate}"
+        return kind(what, argv=self.argv, logs=self.logs())
 
     def start(self, deadline_s: float = 10.0) -> None:
+        if self.proc is not None:
+            raise InfraError(f"machine {self.tag} is already running (QEMU PID {self.proc.pid}); stop() it first")
         boot = boot_image_for(self.image)
         for needed in (self.image, boot):
             if not needed.is_file():
@@ -164,14 +195,23 @@ class Machine:
         if shutil.which(QEMU_BINARY) is None:
             raise InfraError(f"{QEMU_BINARY} not found on PATH (scripts/setup installs it)")
         sweep_stale_files()
-        self.run_dir.mkdir(mode=0o700)
         self.argv = self.build_argv()
-        with open(self.qemu_log, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C to the harness must not kill QEMU under us
-                preexec_fn=die_with_parent,
-            )  # fmt: skip
+        try:
+            self.run_dir.mkdir(mode=0o700)
+        except OSError as exc:
+            # our names are unique per process and tag: an existing one is another run's
+            raise InfraError(f"cannot create the run directory {self.run_dir}: {exc}", argv=self.argv) from exc
+        self.returncode, self._signalled = None, False
+        try:
+            with open(self.qemu_log, "wb") as log:
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C to the harness must not kill QEMU under us
+                    preexec_fn=die_with_parent,
+                )  # fmt: skip
+        except OSError as exc:
+            self.stop()
+            raise InfraError(f"cannot start {QEMU_BINARY}: {exc}", argv=self.argv) from exc
         try:
             waits = [self.gdb_socket, self.monitor_socket] + ([self.shm_path] if self.shared_ram else [])
             self._wait_for(waits, deadline_s * timeout_scale())
@@ -185,7 +225,7 @@ class Machine:
         while True:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise self.infra(f"QEMU exited with status {self.proc.returncode} during start-up")
+                raise self.infra("QEMU ended during start-up")
             missing = [p for p in paths if not p.exists()]
             if not missing:
                 return
@@ -201,11 +241,24 @@ class Machine:
         proc, self.proc = self.proc, None
         try:
             if proc is not None:
+                if proc.poll() is None:
+                    self._signalled = True
                 end_process(proc, grace_s, lambda: os.kill(proc.pid, signal.SIGTERM))
+                self.returncode = proc.returncode
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.shm_path.unlink()
+            self._keep_logs()
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _keep_logs(self) -> None:
+        if self.log_dir is None:
+            return
+        with contextlib.suppress(OSError):
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            for log in (self.qemu_log, self.serial_log):
+                if log.exists():
+                    shutil.move(str(log), str(self.log_dir / f"{self.tag}-{log.name}"))
 
     def __enter__(self) -> Machine:
         self.start()
