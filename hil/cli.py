@@ -17,6 +17,7 @@ from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.trace import Record, TraceError, TraceWriter, now, read_trace, versions
 from hil.target.machine import DEFAULT_IMAGE, Profile
+from hil.workflows import debug as debug_workflow
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     shr.add_argument("--profile", type=argtypes.profile)
     shr.add_argument("-v", "--verbose", action="store_true")
     shr.set_defaults(fn=cmd_shrink)
+    debug_workflow.add_parser(sub)  # `hil debug`
     args = parser.parse_args(argv)
     # SIGTERM ends the run like Ctrl-C: every `finally` runs, QEMU and gdb are ended by PID,
     # the trace is closed as interrupted

@@ -191,6 +191,12 @@ class Gdb:
     def interrupt(self) -> None:
         self.command("-exec-interrupt")
 
+    def disconnect(self) -> None:
+        """Leave the stub to another debugger with the guest stopped where it is: remove our
+        breakpoints, then drop the connection. (A detach would resume the guest.)"""
+        self.command("-break-delete")
+        self.command("-target-disconnect")
+
     def read_memory(self, address: int, size: int) -> bytes:
         rec = self.command(f"-data-read-memory-bytes {address:#x} {size}", timeout_s=60.0)
         out = bytearray()
