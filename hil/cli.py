@@ -13,10 +13,12 @@ from pathlib import Path
 
 from hil import argtypes
 from hil.errors import AbiError, ConfigError, HilError, InfraError
+from hil.run.baseline import Baseline
 from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.trace import Record, TraceError, TraceWriter, now, read_trace, versions
 from hil.target.machine import DEFAULT_IMAGE, Profile
+from hil.workflows import ci as ci_workflow
 from hil.workflows import debug as debug_workflow
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -89,9 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         "guest_build_id": session.elf.build_id, "image": str(image), "profile": profile.name,
         "seed": args.seed, "ops": args.ops, "error_rate": args.error_rate, "versions": versions(), "started": now(),
     }  # fmt: skip
+    baseline = _load_baseline(args)
+    if baseline is not None:
+        header["baseline"] = str(baseline.path)
     resume_line = {"from_index": point.done, "started": now()} if point is not None else None
     writer = TraceWriter(trace_path, header, resume=resume_line)
-    runner = Runner(session, writer, stop_on_finding=args.stop_on_finding)
+    runner = Runner(session, writer, stop_on_finding=args.stop_on_finding or False, baseline=baseline)
     status = "interrupted"
     error: dict[str, str] = {}
     findings_total = 0
@@ -150,7 +155,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(summary(runner, trace_path, len(boot_findings)))
     if status == "interrupted":
         return EXIT_INTERRUPTED
+    if baseline is not None:
+        # a baseline decides: only findings it does not know fail the run
+        verdict = baseline.compare(boot_findings + [f for r in runner.records for f in r.findings])
+        print(f"baseline {baseline.path}:\n{verdict.describe()}")
+        return EXIT_OK if verdict.passed else EXIT_FINDINGS
     return EXIT_FINDINGS if findings_total else EXIT_OK
+
+
+def _load_baseline(args: argparse.Namespace) -> Baseline | None:
+    if args.stop_on_finding == "new" and not args.baseline:
+        raise ConfigError("--stop-on-finding new needs --baseline FILE")
+    return Baseline.load(args.baseline) if args.baseline else None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -244,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--resume", metavar="TRACE", type=argtypes.readable_file,
                      help="continue an interrupted run from its last finished op (its seed, image, profile)")
     run.add_argument("--error-rate", type=argtypes.rate, default=0.04)
-    run.add_argument("--stop-on-finding", action="store_true")
+    run.add_argument("--stop-on-finding", nargs="?", const="any", choices=("any", "new"),
+                     help="stop at the first finding (any, the default) or the first not in --baseline (new)")
+    run.add_argument("--baseline", metavar="FILE", help="known findings: exit 0 unless a new one appears")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
     run.add_argument("--show", choices=("new", "all", "none"), default="new",
                      help="print findings as they come: the first of each kind/clause/field (default), all, none")
@@ -264,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     shr.add_argument("--profile", type=argtypes.profile)
     shr.add_argument("-v", "--verbose", action="store_true")
     shr.set_defaults(fn=cmd_shrink)
+    ci_workflow.add_parser(sub)  # `hil ci`, `hil baseline`
     debug_workflow.add_parser(sub)  # `hil debug`
     args = parser.parse_args(argv)
     # SIGTERM ends the run like Ctrl-C: every `finally` runs, QEMU and gdb are ended by PID,
