@@ -194,6 +194,7 @@ class AnomalyKind(enum.Enum):
     NO_SLOT = "no_slot"  # a PTE targets a paddr without a metadata slot
     BAD_TYPE_WORD = "bad_type_word"  # an in-use slot's type word is no Usage value
     REGISTRY = "registry"  # a malformed handle-registry entry
+    SLOT_BYTES = "slot_bytes"  # slot bytes exec leaves defined (zero) are not: UNUSED tag/storage, padding
 
 
 @dataclass(frozen=True)
@@ -465,9 +466,23 @@ def slot_from_raw(
       `node` = NodeMeta for a PT_NODE storage tag.
     `inl` is the raw in_list word either way (M1/M3 say it must be 0)."""
     rc, vt, inl, storage = decode_slot(raw64)
+    # Every byte is compared: what the Slot does not carry must be what exec leaves there
+    # (docs/semantics.md "Bytes not compared"): an UNUSED slot is torn down (storage zero,
+    # type word 0), and storage past the fields of its tag is zero.
+    tag = storage[abi.SLOT_OFF_STORAGE]
+    if rc == REF_COUNT_UNUSED:
+        used = 0
+    elif tag == StorageTag.PT_NODE:
+        used = abi.SLOT_OFF_PT_NR_CHILDREN + 2
+    else:
+        used = 1
+    if any(storage[used:]) or (rc == REF_COUNT_UNUSED and vt) or (tag == StorageTag.PT_NODE and rc != REF_COUNT_UNUSED
+                                                                   and storage[abi.SLOT_OFF_PT_STRAY] > 1):
+        what = "an UNUSED slot not torn down" if rc == REF_COUNT_UNUSED else f"storage bytes past byte {used}"
+        _report([Anomaly(AnomalyKind.SLOT_BYTES, f"{what}: storage {storage.hex()} type word {vt:#x}",
+                         paddr=paddr, raw=vt)], anomalies, "slot decode")  # fmt: skip
     if rc == REF_COUNT_UNUSED:
         return Slot(rc, prev_usage, inl, None, None, paths, refs, None)
-    tag = storage[abi.SLOT_OFF_STORAGE]
     node = None
     level = 0
     if tag == StorageTag.PT_NODE:
@@ -528,6 +543,8 @@ def decode_registry(raw: bytes, *, base: int = 0, entry_size: int = abi.REGISTRY
                 reg.next_ids = dict(zip(COUNTER_KEYS, w[: len(COUNTER_KEYS)], strict=False))
             continue
         if kind == abi.REG_FREE:
+            if ident or any(w):  # reg_free zeroes the whole entry: every byte is compared
+                bad(i, kind, f"a free entry with id {ident} and words {[hex(x) for x in w]}")
             continue
         if kind not in _HANDLE_KINDS:
             bad(i, kind, f"unknown kind {kind}")

@@ -115,26 +115,38 @@ class Runner:
         after = self.session.snapshot(before)
         t2 = time.perf_counter()
         findings: list[Finding] = []
+        uninterpretable = False
         if self.check_enabled:
+            t3 = t2
             try:
-                predicted_result, predicted = store.apply(before, op, check.alloc_from(before, after))
-            except store.Unpredictable:
-                # Probe / RaiseFault: the model does not predict the MMU or a fault; state must not change
-                predicted_result = m.OpResult(UNPREDICTED_STATUS[type(op)], obs.result.code, obs.result.values)
-                predicted = dataclasses.replace(before, parent=before, changed=frozenset())
-            t3 = time.perf_counter()
-            findings += check.snapshot_anomalies(index, before, after)
-            findings += check.diff_results(index, op, obs.result, predicted_result)
-            if obs.result.status != m.Status.EXCEPTION:
-                findings += check.diff_states(index, before, after, predicted)
-            if obs.result.status not in REBOOT_STATUSES:
-                findings += check.check_axioms(
-                    index, op, before, after, obs.result, predicted, predicted_result,
-                    impl_clean=not findings, coverage=self.coverage,
-                )  # fmt: skip
-                findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
-            if plan is not None and self.probes is not None and obs.result.status == m.Status.OK:
-                findings += self.probes.check(index, plan, after)
+                try:
+                    predicted_result, predicted = store.apply(before, op, check.alloc_from(before, after))
+                except store.Unpredictable:
+                    # Probe / RaiseFault: the model does not predict the MMU or a fault; state must not change
+                    predicted_result = m.OpResult(UNPREDICTED_STATUS[type(op)], obs.result.code, obs.result.values)
+                    predicted = dataclasses.replace(before, parent=before, changed=frozenset())
+                t3 = time.perf_counter()
+                findings += check.snapshot_anomalies(index, before, after)
+                findings += check.diff_results(index, op, obs.result, predicted_result)
+                if obs.result.status != m.Status.EXCEPTION:
+                    findings += check.diff_states(index, before, after, predicted)
+                if obs.result.status not in REBOOT_STATUSES:
+                    findings += check.check_axioms(
+                        index, op, before, after, obs.result, predicted, predicted_result,
+                        impl_clean=not findings, coverage=self.coverage,
+                    )  # fmt: skip
+                    findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
+                if plan is not None and self.probes is not None and obs.result.status == m.Status.OK:
+                    findings += self.probes.check(index, plan, after)
+            except InfraError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - never how a run ends (see below)
+                # a guest state the model (or a predicate) cannot interpret, e.g. a node in use
+                # twice: a finding at this op, and the run goes on from a fresh machine
+                uninterpretable = True
+                findings.append(Finding(Kind.IMPL, index, "MODEL", "uninterpretable",
+                                        message=f"the model cannot interpret the guest's state: "
+                                                f"{type(exc).__name__}: {exc}"))  # fmt: skip
             t4 = time.perf_counter()
             self.stats.model_s += t3 - t2
             self.stats.check_s += t4 - t3
@@ -147,7 +159,7 @@ class Runner:
         for f in findings:
             self.stats.findings[(str(f.kind), f.clause)] += 1
             self.stats.first_seen.setdefault((str(f.kind), f.clause), index)
-        if obs.result.status in REBOOT_STATUSES:
+        if obs.result.status in REBOOT_STATUSES or uninterpretable:
             self._reboot()
         else:
             self.state = after

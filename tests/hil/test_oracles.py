@@ -79,3 +79,31 @@ def test_a_forgotten_invlpg_is_caught_within_the_op(tmp_path: Path, bug: int, st
     assert not [f for fs in found.values() for f in fs if f.kind == Kind.IMPL]
     others = {k for k, fs in found.items() if fs}
     assert others == {step}, others
+
+
+def test_a_state_the_model_cannot_interpret_is_a_finding_and_the_run_goes_on() -> None:
+    from hil.run.trace import Poke
+
+    session = Session()
+    runner = Runner(session)
+    try:
+        runner.start()
+        assert session.layout is not None
+        lay = session.layout
+        for _, op in scenario(lay.data_pool_start)[:5]:
+            runner.step(op)
+        assert runner.state is not None
+        l2 = next(n for n in runner.state.vm_spaces[1].nodes.values() if n.level == 2)
+        # the level-2 entry over the level-1 node becomes a 2 MiB leaf (bit 7): a user table
+        # holds no huge leaf in OSTD's model, which cannot split one
+        runner.step(Poke(l2.paddr, (l2.entries[0] | 0x80).to_bytes(8, "little")))
+        boots = session.boots
+        rec = runner.step(m.Map(cursor=1, frame=2, prop=RW))
+        assert [(f.kind, f.clause, f.field) for f in rec.findings if f.clause == "MODEL"] == [
+            (Kind.IMPL, "MODEL", "uninterpretable")
+        ], [f.describe() for f in rec.findings]
+        assert session.boots == boots + 1  # a fresh machine
+        rec = runner.step(m.NewVmSpace())
+        assert rec.result is not None and rec.result.status == m.Status.OK and not rec.findings
+    finally:
+        session.close()

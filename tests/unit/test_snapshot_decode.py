@@ -7,7 +7,15 @@ import struct
 
 import pytest
 
-from hil.observe.snapshot import AnomalyKind, WalkError, decode_registry, decode_slot, read_state, slot_from_raw
+from hil.observe.snapshot import (
+    Anomaly,
+    AnomalyKind,
+    WalkError,
+    decode_registry,
+    decode_slot,
+    read_state,
+    slot_from_raw,
+)
 from hil.target import abi
 from hil.target.memory import DictMemory
 from model.state import CursorView, NodeMeta, Slot, State
@@ -39,8 +47,18 @@ def test_decode_slot_offsets() -> None:
 
 def test_unused_slot_is_uninit_and_inherits_usage() -> None:
     assert slot_from_raw(FREE) == Slot(UNUSED, Usage.UNUSED, 0, None, None)
-    s = slot_from_raw(slot_bytes(UNUSED, vt=2, inl=5, storage=b"\x01"), prev_usage=Usage.PAGE_TABLE)
+    found: list[Anomaly] = []
+    s = slot_from_raw(slot_bytes(UNUSED, vt=2, inl=5, storage=b"\x01"), prev_usage=Usage.PAGE_TABLE,
+                      anomalies=found)  # fmt: skip
     assert (s.rc, s.usage, s.inl, s.vt, s.sto, s.node) == (UNUSED, Usage.PAGE_TABLE, 5, None, None, None)
+    # exec's teardown zeroes the tag, the storage and the type word: left behind, they are reported
+    assert [a.kind for a in found] == [AnomalyKind.SLOT_BYTES]
+    with pytest.raises(WalkError):
+        slot_from_raw(slot_bytes(UNUSED, storage=b"\0\0\x07"))
+    with pytest.raises(WalkError):  # a Frame's storage past its tag byte
+        slot_from_raw(slot_bytes(1, vt=2, storage=b"\x01\x00\x09"))
+    with pytest.raises(WalkError):  # a PT node's storage past nr_children
+        slot_from_raw(slot_bytes(1, vt=3, storage=pt_storage(1, 2) + b"\x01"))
 
 
 def test_unique_and_shared_slots() -> None:
