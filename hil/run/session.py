@@ -2,14 +2,27 @@
 
 Drive: the guest stops at the breakpoint on `hil_op_done` after publishing each response;
 we write the next request into the mailbox (through the memory reader: the shared RAM file,
-or gdb in physical mode), resume past the 1-byte `nop`, and wait for the next stop with a
+or the stub in physical mode), resume past the 1-byte `nop`, and wait for the next stop with a
 deadline. Every process we start is ended by PID on every exit path (`close`).
+
+The debugger on the hot path is `hil.target.stub.Stub` (one remote-protocol exchange per op);
+`driver="gdb"` uses gdb/MI instead (both are `Target`s). Under KVM the breakpoint is a
+hardware one (Z1 / hbreak): KVM refuses a software breakpoint on a kernel VA at -S.
+
+Reset (after a PANIC / EXCEPTION) restores the booted machine without a new QEMU: the guest's
+RAM that holds state (kernel image with .data/.bss, registry, metadata, kernel tables, and the
+page-table pool up to the highest node ever allocated) is written back from a copy taken at the
+READY stop, and every register (CR3 too, which flushes QEMU's TLB) from the `g` taken there.
+The guest recovers from a panic or exception itself and stops at hil_op_done, so the CPU is
+at the same place in the same loop; `reset()` falls back to a reboot when it is not (QEMU
+gone, gdb/MI driver, stop elsewhere).
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +32,14 @@ from hil.target.elf import GuestElf
 from hil.target.gdb import Gdb
 from hil.target.machine import DEFAULT_IMAGE, Machine, Profile
 from hil.target.memory import GdbPhysMemory, PhysMemory, SharedRamMemory
+from hil.target.stub import Stub, Target
 from model import ops as m
 from model.state import State
 
 BOOT_DEADLINE_S = 20.0
 OP_DEADLINE_S = 10.0
+KERNEL_LOAD_PADDR = 0x100000  # guest/linker.ld: the image (boot tables, .data, .bss) starts here
+DRIVERS = ("stub", "gdb")
 
 
 @dataclass(frozen=True)
@@ -50,17 +66,29 @@ class Session:
     image: Path = DEFAULT_IMAGE
     profile: Profile = field(default_factory=lambda: Profile.load("default"))
     shared_ram: bool = True
+    driver: str = "stub"
     machine: Machine | None = None
-    gdb: Gdb | None = None
+    gdb: Target | None = None  # the debugger on QEMU's stub (name kept: tests and tools use it)
     memory: PhysMemory | None = None
     layout: abi.Layout | None = None
     seq: int = 0
     boots: int = 0
+    resets: int = 0  # fast resets (no new QEMU)
 
     def __post_init__(self) -> None:
+        if self.driver not in DRIVERS:
+            raise ValueError(f"driver must be one of {DRIVERS}, not {self.driver!r}")
         self.elf = GuestElf(self.image)
         self._op_done = self.elf.symbol("hil_op_done")
         self._layout_paddr = self.elf.vaddr_to_paddr(self.elf.symbol("hil_layout"))
+        self._boot_regs: bytes | None = None
+        self._boot_ram: list[tuple[int, bytes]] = []  # (paddr, bytes) saved at the READY stop
+        self._pt_high = 0  # end of the highest page-table-pool node seen since boot
+        self._poked: list[tuple[int, int]] = []  # (paddr, size) written by poke() since the last snapshot
+
+    @property
+    def stub(self) -> Stub | None:
+        return self.gdb if isinstance(self.gdb, Stub) else None
 
     # --- life cycle -----------------------------------------------------------------------
     def boot(self) -> None:
@@ -70,11 +98,18 @@ class Session:
         machine = Machine(self.profile, self.image, shared_ram=self.shared_ram)
         self.machine = machine
         try:
-            # gdb's own start-up (~0.25 s, its embedded Python) overlaps QEMU's
-            self.gdb = Gdb(self.image, on_infra=machine.infra)
-            machine.start()
-            self.gdb.connect(machine.gdb_socket)
-            self.gdb.break_insert(f"*{self._op_done:#x}")
+            if self.driver == "gdb":
+                # gdb's own start-up (~0.25 s, its embedded Python) overlaps QEMU's
+                gdb = Gdb(self.image, on_infra=machine.infra)
+                self.gdb = gdb
+                machine.start()
+                gdb.connect(machine.gdb_socket)
+            else:
+                stub = Stub(on_infra=machine.infra)
+                self.gdb = stub
+                machine.start()
+                stub.connect(machine.gdb_socket)
+            self.gdb.insert_breakpoint(self._op_done, hardware=self.profile.accel == "kvm")
             if self.shared_ram:
                 self.memory = SharedRamMemory(machine.shm_path, machine.ram_size)
             else:
@@ -88,15 +123,81 @@ class Session:
                 raise machine.infra(f"guest stopped at hil_op_done with status {resp.status.name}, not READY")
             self.seq = resp.seq
             self.boots += 1
+            self._save_boot_state()
         except BaseException:
             self.close()
             raise
 
-    def reset(self) -> None:
-        """Reboot: after a PANIC / EXCEPTION, or an infrastructure error."""
-        self.boot()
+    # --- fast reset ---------------------------------------------------------------------
+    def state_regions(self) -> list[tuple[int, int]]:
+        """[start, end) paddr ranges holding guest state that a reset must restore: the kernel
+        image (boot tables, mailbox, .data, .bss with the stacks), the handle registry, the
+        metadata region and the kernel's tables, all below the page-table pool, then the pool
+        up to the highest node allocated so far (the allocator takes the lowest free node, so
+        nodes are dense from the pool's start; free data frames hold no state)."""
+        assert self.layout is not None
+        lay = self.layout
+        out = [(KERNEL_LOAD_PADDR, lay.pt_pool_start)]
+        if self._pt_high > lay.pt_pool_start:
+            out.append((lay.pt_pool_start, min(self._pt_high, lay.pt_pool_end)))
+        return out
+
+    def _save_boot_state(self) -> None:
+        self._boot_regs = None
+        self._boot_ram = []
+        assert self.layout is not None
+        self._pt_high = self.layout.pt_pool_start
+        if isinstance(self.gdb, Stub) and isinstance(self.memory, SharedRamMemory):
+            self._boot_regs = self.gdb.read_registers()
+            # the whole pool is saved once (the high-water mark grows later); zeros at boot
+            self._boot_ram = [(a, self.memory.read(a, b - a)) for a, b in
+                              [(KERNEL_LOAD_PADDR, self.layout.pt_pool_start),
+                               (self.layout.pt_pool_start, self.layout.pt_pool_end)]]  # fmt: skip
+
+    def note_nodes(self, node_paddrs: Iterable[int]) -> None:
+        """Page-table nodes seen in a snapshot: raise the pool's high-water mark for reset."""
+        assert self.layout is not None
+        top = max(node_paddrs, default=0) + 4096
+        if self.layout.pt_pool_start < top <= self.layout.pt_pool_end and top > self._pt_high:
+            self._pt_high = top
+
+    def can_fast_reset(self) -> bool:
+        return (
+            self._boot_regs is not None
+            and isinstance(self.gdb, Stub)
+            and self.gdb.alive()
+            and isinstance(self.memory, SharedRamMemory)
+            and self.machine is not None
+            and self.machine.alive()
+        )
+
+    def reset(self, *, reboot: bool = False) -> None:
+        """Back to the booted state: after a PANIC / EXCEPTION (fast, same QEMU), or a reboot
+        (`reboot=True`, an infrastructure error, or no fast path in this mode)."""
+        if reboot or not self.can_fast_reset():
+            self.boot()
+            return
+        assert isinstance(self.gdb, Stub) and isinstance(self.memory, SharedRamMemory)
+        assert self._boot_regs is not None and self.layout is not None
+        high = self._pt_high
+        for start, data in self._boot_ram:
+            end = start + len(data)
+            if start >= self.layout.pt_pool_start:
+                end = min(end, high)  # the pool: only what was ever allocated
+            if end > start:
+                self.memory.write(start, data[: end - start])
+        self.gdb.write_registers(self._boot_regs)
+        self._pt_high = self.layout.pt_pool_start
+        self._poked.clear()
+        resp = self.response()
+        if resp.status != m.Status.READY:
+            raise self._infra(f"after the reset the mailbox says {resp.status.name}, not READY")
+        self.seq = resp.seq
+        self.resets += 1
 
     def close(self) -> None:
+        self._boot_regs = None
+        self._boot_ram = []
         gdb, self.gdb = self.gdb, None
         machine, self.machine = self.machine, None
         memory, self.memory = self.memory, None
@@ -110,17 +211,6 @@ class Session:
             finally:
                 if machine is not None:
                     machine.stop()
-
-    def release_debugger(self) -> None:
-        """Hand QEMU's gdb stub (one client at a time) to another debugger (`hil debug`): our
-        client disconnects without resuming the guest and ends; the memory reader and QEMU stay
-        until close()."""
-        gdb, self.gdb = self.gdb, None
-        if gdb is not None:
-            try:
-                gdb.disconnect()
-            finally:
-                gdb.close()
 
     def __enter__(self) -> Session:
         self.boot()
@@ -136,6 +226,10 @@ class Session:
     def _wait_op_done(self, deadline_s: float, what: str) -> None:
         assert self.gdb is not None
         stop = self.gdb.wait_stop(deadline_s)
+        if stop.pc == 0 and isinstance(self.gdb, Stub) and stop.reason == "breakpoint-hit":
+            return  # a SIGTRAP after a resume: our only breakpoint (the seq echo is checked too)
+        if stop.pc == 0 and isinstance(self.gdb, Stub) and self.gdb.alive():
+            stop = type(stop)(stop.reason, self.gdb.stop_pc(), stop.raw)
         if stop.pc != self._op_done:
             raise self._infra(
                 f"{what}: the guest stopped at {stop.pc:#x} ({stop.reason or 'no reason'}), "
@@ -200,13 +294,18 @@ class Session:
         from hil.observe.snapshot import read_state
 
         assert self.memory is not None and self.layout is not None
-        return read_state(self.memory, self.layout, prev)
+        state = read_state(self.memory, self.layout, prev)
+        self._poked.clear()
+        for view in (*state.vm_spaces.values(), *state.leaked.values()):
+            self.note_nodes(view.nodes)
+        return state
 
     def poke(self, paddr: int, data: bytes) -> None:
         """Corrupt guest memory on purpose, through the gdb stub (tests, trace `poke` events)."""
         assert self.gdb is not None and self.layout is not None
         if paddr < 0 or paddr + len(data) > self.layout.ram_size:
             raise ValueError(f"poke {paddr:#x}+{len(data)} is outside guest RAM")
+        self._poked.append((paddr, len(data)))  # the next snapshot reads these bytes whatever the op wrote
         if not self.shared_ram:
             self.gdb.write_memory(paddr, data)
             return

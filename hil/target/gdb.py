@@ -174,6 +174,13 @@ class Gdb:
         rec = self.command(f"-break-insert {location}")
         return int(rec["payload"]["bkpt"]["number"])
 
+    def insert_breakpoint(self, address: int, *, hardware: bool = False) -> None:
+        """hil.target.stub.Target: `hardware` = `hbreak` (remote Z1), what KVM accepts at -S."""
+        self.break_insert(f"{'-h ' if hardware else ''}*{address:#x}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def _drop_stale_stops(self) -> None:
         # e.g. the stop that `target remote` reports for the halted CPU: not ours to wait for
         self._pending = [r for r in self._pending if not (r.get("type") == "notify" and r.get("message") == "stopped")]
