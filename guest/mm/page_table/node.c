@@ -77,7 +77,8 @@ u64 pt_alloc_node(int level) {
     /* PageTableNode::alloc (§5.10): the lowest-addressed pool slot with rc UNUSED, zeroed,
      * rc 1, PageTablePageMeta::new(level). */
     for (u64 pa = mm.pt_pool_start; pa < mm.pt_pool_end; pa += PAGE_SIZE) {
-        if (meta_slot(pa)->ref_count != REF_COUNT_UNUSED)
+        /* seeded bug 11: the check reads the next page's slot (an off-by-one in the index) */
+        if (meta_slot(SEEDED(11) ? pa + PAGE_SIZE : pa)->ref_count != REF_COUNT_UNUSED)
             continue;
         if (!SEEDED(7))  /* seeded bug 7: the new node keeps whatever the page held */
             memset(pt_node(pa), 0, PAGE_SIZE);
