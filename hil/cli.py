@@ -20,6 +20,7 @@ from hil.run.trace import Record, TraceError, TraceWriter, now, read_trace, vers
 from hil.target.machine import DEFAULT_IMAGE, Profile
 from hil.workflows import ci as ci_workflow
 from hil.workflows import debug as debug_workflow
+from hil.workflows import nightly as nightly_workflow
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     shr.set_defaults(fn=cmd_shrink)
     ci_workflow.add_parser(sub)  # `hil ci`, `hil baseline`
     debug_workflow.add_parser(sub)  # `hil debug`
+    nightly_workflow.add_parser(sub)  # `hil nightly`
     args = parser.parse_args(argv)
     # SIGTERM ends the run like Ctrl-C: every `finally` runs, QEMU and gdb are ended by PID,
     # the trace is closed as interrupted
