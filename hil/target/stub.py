@@ -228,7 +228,11 @@ class Stub:
             if not chunk:
                 self.state = State.CLOSED
                 raise self.infra("QEMU closed the gdb stub connection (did QEMU exit?)")
-            packets, self._rest = split_packets(self._rest + chunk)
+            try:
+                packets, self._rest = split_packets(self._rest + chunk)
+            except FramingError as exc:  # garbage on the connection: infrastructure, retried
+                self.state = State.CLOSED
+                raise self.infra(f"garbage on the gdb stub connection: {exc}") from None
             self._queue += packets
         self._ack = b"+"
         return self._queue.pop(0)
