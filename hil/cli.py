@@ -53,6 +53,7 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
     out.append(_table("findings by kind and clause (count, first op):", rows))
     if st.findings and trace_path:
         out.append(f"minimise one: hil shrink {trace_path} --clause CLAUSE\n")
+        out.append(f"debug the first in gdb, stopped before its op: hil debug {trace_path}\n")
     cov = runner.coverage
     out.append(_table("spec clauses (evaluated / antecedent held / violated):",
                       [(c, str(n), str(cov.exercised.get(c, 0)), str(cov.violated.get(c, 0)))

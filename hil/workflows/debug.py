@@ -25,6 +25,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from hil.check import oracles
 from hil.errors import timeout_scale
 from hil.run.runner import Runner
 from hil.run.session import Session
@@ -129,12 +130,18 @@ def cmd_debug(args: argparse.Namespace) -> int:
         machine, memory, layout = session.machine, session.memory, session.layout
         assert machine is not None and memory is not None and layout is not None and runner.state is not None
         seq = abi.decode_response(memory.read(layout.mailbox, abi.MAILBOX_SIZE)).seq + 1
+        # the op's MMU probes go in with its request, as the Runner writes them
+        probes = core.PlannedProbes(oracles.MmuProbes(memory, layout))
+        if runner.probes is not None:
+            probes.arm(runner.state, op)
         req = abi.encode_request(op, seq)
         memory.write(layout.mailbox + 8, req[8:])
         memory.write(layout.mailbox, req[:8])  # seq last: the guest never sees a torn request
         pickle_path = machine.run_dir / "debug-state.pickle"
         with open(pickle_path, "wb") as fh:
-            pickle.dump({"before": dataclasses.replace(runner.state, parent=None), "records": runner.records}, fh)
+            saved = {"before": dataclasses.replace(runner.state, parent=None), "records": runner.records,
+                     "probe_plan": probes.pending, "probes": runner.probes is not None}  # fmt: skip
+            pickle.dump(saved, fh)
         ctx = core.Context(
             trace=str(trace_path.resolve()), index=index, seq=seq, image=str(image.resolve()),
             src_dir=str(GUEST_SRC), shm_path=str(machine.shm_path), ram_size=layout.ram_size,

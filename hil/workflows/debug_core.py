@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hil import check
-from hil.check import Finding
+from hil.check import Finding, oracles
 from hil.errors import ConfigError
 from hil.observe.snapshot import NonCanonicalAddress, translate
 from hil.run.trace import Poke, Record, Trace
@@ -349,6 +349,35 @@ def ops_listing(events: Sequence[object], done: Sequence[Record], recorded: Sequ
             if i < len(recorded):
                 lines += [f"         recorded: {f.describe()}" for f in recorded[i].findings]
     return "\n".join(lines)
+
+
+# --- the MMU probes of an op that is already in the mailbox ------------------------------------------
+
+
+class PlannedProbes:
+    """The Runner's MMU-probe oracle when the op is already in the mailbox: its probes were
+    planned and written with the request, before the op started (the guest touches before the
+    op and probes after it), so the Runner's own plan/write at step time only hand that plan on."""
+
+    def __init__(self, probes: oracles.MmuProbes, pending: oracles.ProbePlan | None = None):
+        self.real = probes
+        self.pending = pending
+
+    def arm(self, before: State, op: m.Op) -> None:
+        """Plan and write the probes of `op`: call before writing its request."""
+        self.pending = self.real.plan(before, op)
+        if self.pending is not None:
+            self.real.write(self.pending)
+
+    def plan(self, before: State, op: m.Op) -> oracles.ProbePlan | None:
+        plan, self.pending = self.pending, None
+        return plan
+
+    def write(self, plan: oracles.ProbePlan) -> None:
+        pass  # written by arm(), before the op started
+
+    def check(self, index: int, plan: oracles.ProbePlan, after: State) -> list[Finding]:
+        return self.real.check(index, plan, after)
 
 
 # --- the session's context, handed from `hil debug` to the gdb script ---------------------------------

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import gdb  # gdb's embedded Python provides it
 
+from hil.check import oracles
 from hil.errors import HilError
 from hil.observe.snapshot import read_state
 from hil.run.runner import Runner
@@ -102,8 +103,13 @@ class Debugger:
         with open(ctx.state_pickle, "rb") as fh:
             saved = pickle.load(fh)  # written by hil debug for this session (a private run dir)
         self.runner = Runner(cast(Session, GdbDrive(self)))
-        # MMU probes are planned before an op starts; the op here is already in the mailbox
+        # MMU probes are planned and written with each request (hil debug did op N's), so the
+        # Runner gets them through PlannedProbes and never attaches its own
         self.runner.probes_enabled = False
+        self.probes: core.PlannedProbes | None = None
+        if saved["probes"]:
+            self.probes = core.PlannedProbes(oracles.MmuProbes(self.mem, self.layout), saved["probe_plan"])
+            self.runner.probes = cast(oracles.MmuProbes, self.probes)
         self.runner.state = saved["before"]
         self.runner.records = list(saved["records"])
         self.runner.index = ctx.index
@@ -260,6 +266,8 @@ class Debugger:
             print("end of the trace")
             return
         self.seq += 1
+        if self.probes is not None:
+            self.probes.arm(self.before, self.op())
         self.write_request()
         chain = self.enter_op()
         print(f"stopped before op {self.index} {self.op()!r} in {chain}")
