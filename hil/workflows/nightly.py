@@ -291,14 +291,12 @@ class Coordinator:
     def _new_groups(self, r: ChunkResult) -> list[tuple[str, str, dict[str, Any]]]:
         """(group key, clause, first finding) of root causes in `r` not in the baseline and not
         shrunk (or being shrunk) tonight."""
-        from hil.check import Finding
-        from hil.run import baseline as bl
+        from hil.workflows.report import root_signatures
 
         out = []
-        for d in r.findings:
+        for d, sig in zip(r.findings, root_signatures(r.findings, self.known), strict=True):
             if isinstance(d.get("caused_by"), int):
                 continue
-            sig = bl.signature(Finding.from_json(d))
             key = group_key(sig)
             if sig in self.known or key in self.night.shrinks or key in self.shrinking:
                 continue
@@ -350,7 +348,7 @@ class Coordinator:
                     todo.append(self._spec(cid, r.seed, deadline, 1))
             next_index = night.next_index()
             # findings of earlier legs whose shrink never finished
-            for r in night.results.values():
+            for r in night.results.values() if opts.shrink else ():
                 for key, clause, _ in self._new_groups(r):
                     self._submit_shrink(client, shrink_futs, key, clause, r)
 
@@ -468,7 +466,7 @@ class Coordinator:
         from hil.workflows.report import counted, group_findings
 
         rs = counted(self.night.results.values())
-        groups = group_findings(rs)
+        groups = group_findings(rs, self.known)
         new = sum(1 for s, g in groups.items() if g.root_cause and s not in self.known)
         known = sum(1 for s in groups if s in self.known)
         return sum(r.ops_done for r in rs), new, known, len(rs)

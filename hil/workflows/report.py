@@ -67,12 +67,30 @@ def counted(results: Iterable[ChunkResult]) -> list[ChunkResult]:
     return [by_id[k] for k in sorted(by_id)]
 
 
-def group_findings(results: Sequence[ChunkResult]) -> dict[Signature, Group]:
+def root_signatures(findings: Sequence[dict[str, Any]], known: set[Signature]) -> list[Signature]:
+    """Each finding's group, as the baseline judges it (hil.run.baseline.Baseline.compare): a
+    SPEC or INVARIANT finding whose clause also fails at the same op under a known signature is
+    another facet of that one violation, so it joins the known group."""
+    fs = [Finding.from_json(d) for d in findings]
+    known_at: dict[tuple[int, str, str], Signature] = {}
+    for f in fs:
+        sig = bl.signature(f)
+        if sig in known:
+            known_at.setdefault((f.op_index, str(f.kind), f.clause), sig)
+    out = []
+    for f in fs:
+        sig = bl.signature(f)
+        if sig not in known and str(f.kind) in bl.SPEC_LIKE:
+            sig = known_at.get((f.op_index, str(f.kind), f.clause), sig)
+        out.append(sig)
+    return out
+
+
+def group_findings(results: Sequence[ChunkResult], known: set[Signature] | None = None) -> dict[Signature, Group]:
     groups: dict[Signature, Group] = {}
     for r in sorted(counted(results), key=lambda r: r.finished):
-        for d in r.findings:
+        for d, sig in zip(r.findings, root_signatures(r.findings, known or set()), strict=True):
             f = Finding.from_json(d)
-            sig = bl.signature(f)
             g = groups.get(sig)
             if g is None:
                 g = groups[sig] = Group(sig, first_chunk=r.chunk_id, first_op=f.op_index, first_seen=r.finished,
@@ -116,7 +134,7 @@ def build_summary(
     """Every number of the report. `shrinks`: group key -> {"ok", "trace", "events", "error",
     "debug"}; `known`: the baseline's signatures; `previous`: the previous night's summary."""
     rs = counted(results)
-    groups = group_findings(results)
+    groups = group_findings(results, known)
     prev_groups = {g["key"]: g for g in (previous or {}).get("findings", [])}
     ops = sum(r.ops_done for r in rs)
     busy = sum(max(r.finished - r.started, 0.0) for r in rs)
