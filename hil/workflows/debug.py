@@ -125,8 +125,9 @@ def cmd_debug(args: argparse.Namespace) -> int:
                 raise core.DebugInputError(f"{name} does not replay identically: {diff}")
         found = sum(len(r.findings) for r in runner.records)
         compared = sum(1 for r in trace.records[:index] if r.result is not None)
-        print(f"hil debug: replayed events 0..{index - 1} of {name}: {found} findings, {compared} recorded "
-              f"results compared, all identical; op {index} {op!r} is in the mailbox", file=sys.stderr)  # fmt: skip
+        same = f"identical to the {compared} recorded" if compared else "the trace records no results to compare"
+        print(f"hil debug: replayed events 0..{index - 1} of {name} with every check ({found} findings; {same}); "
+              f"op {index} {op!r} is in the mailbox", file=sys.stderr)  # fmt: skip
         machine, memory, layout = session.machine, session.memory, session.layout
         assert machine is not None and memory is not None and layout is not None and runner.state is not None
         seq = abi.decode_response(memory.read(layout.mailbox, abi.MAILBOX_SIZE)).seq + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -270,6 +271,8 @@ def predict(before: State, now: State, op: m.Op) -> Prediction:
 
 
 def _fmt(value: object) -> str:
+    if isinstance(value, enum.Enum):
+        return value.name
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:#x}" if value > 9 else str(value)
     if isinstance(value, frozenset):
