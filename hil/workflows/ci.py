@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,11 @@ class Children:
             end_process(proc, 15.0, lambda p=proc: os.kill(p.pid, signal.SIGTERM))  # type: ignore[misc]
 
 
+def _safe(name: str) -> str:
+    """A file name CI artifact uploaders accept (no ':' or '/')."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
+
+
 def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
@@ -218,6 +224,10 @@ class Matrix:
         self.baseline = baseline
         self.children = Children()
         self.log = log
+        # one shrink per (image, new signature) in the whole matrix: other cases point at it
+        self._shrinks: dict[tuple[str, Signature], tuple[threading.Event, list[tuple[Path | None, str]]]] = {}
+        self._shrinks_lock = threading.Lock()
+        self._done = 0
 
     def jobs(self) -> list[Job]:
         jobs = []
@@ -307,22 +317,42 @@ class Matrix:
 
     def _shrink(self, job: Job, case: CaseResult) -> None:
         assert case.verdict is not None and case.trace is not None
-        for n, (sig, f) in enumerate(case.verdict.new_signatures().items()):
+        # the earliest finding first (later ones are often its consequences), bugs before spec clauses
+        order = sorted(case.verdict.new_signatures().items(), key=lambda kv: (kv[1].op_index, str(kv[1].kind)
+                                                                               not in ("IMPL", "TLB", "WALKER")))
+        for n, (sig, f) in enumerate(order):
             if n >= self.cfg.max_shrinks_per_cell:
                 case.shrunk[sig] = (None, f"not shrunk (max_shrinks_per_cell = {self.cfg.max_shrinks_per_cell})")
                 continue
-            stem = case.trace.stem + ".new-" + "-".join(s.replace("/", "_").replace(",", "_") for s in sig)
-            out = case.trace.with_name(stem + ".min.jsonl")
-            argv = _py("hil.workflows.ci", "shrink-one", str(case.trace), "--op", str(f.op_index), "--kind",
-                       str(f.kind), "--clause", f.clause, "--field", f.field, "--image", str(job.image.path),
-                       "--profile", job.profile, "--out", str(out))  # fmt: skip
-            rc = self.children.run(argv, case.trace.with_name(stem + ".shrink.log"), self.cfg.shrink_timeout_s,
-                                   self._env(job))  # fmt: skip
-            if rc == EXIT_OK and out.is_file():
-                case.shrunk[sig] = (out, "")
-            else:
-                why = "deadline passed" if rc is None else f"shrink exited {rc}"
-                case.shrunk[sig] = (None, f"not shrunk ({why}); the full trace reproduces it")
+            key = (job.image.label, sig)
+            with self._shrinks_lock:
+                claimed = key in self._shrinks
+                if not claimed:
+                    self._shrinks[key] = (threading.Event(), [])
+                done, result = self._shrinks[key]
+            if claimed:
+                done.wait()
+                case.shrunk[sig] = result[0] if result else (None, "not shrunk")
+                continue
+            try:
+                case.shrunk[sig] = self._shrink_one(job, case, sig, f)
+            finally:
+                result.append(case.shrunk.get(sig, (None, "not shrunk")))
+                done.set()
+
+    def _shrink_one(self, job: Job, case: CaseResult, sig: Signature, f: Any) -> tuple[Path | None, str]:
+        assert case.trace is not None
+        stem = case.trace.stem + ".new-" + _safe("-".join(sig))
+        out = case.trace.with_name(stem + ".min.jsonl")
+        log = case.trace.with_name(stem + ".shrink.log")
+        argv = _py("hil.workflows.ci", "shrink-one", str(case.trace), "--op", str(f.op_index), "--kind",
+                   str(f.kind), "--clause", f.clause, "--field", f.field, "--image", str(job.image.path),
+                   "--profile", job.profile, "--out", str(out))  # fmt: skip
+        rc = self.children.run(argv, log, self.cfg.shrink_timeout_s, self._env(job))
+        if rc == EXIT_OK and out.is_file():
+            return (out, "")
+        why = "deadline passed" if rc is None else f"shrink exited {rc}"
+        return (None, f"not shrunk ({why}, see {log}); the full trace reproduces it")
 
     def run(self) -> list[CaseResult]:
         results: list[CaseResult] = []
@@ -331,10 +361,12 @@ class Matrix:
         futures: dict[Future[list[CaseResult]], Job] = {}
         try:
             futures = {pool.submit(self.run_job, j): j for j in jobs}
-            for fut in futures:
+            for n, (fut, job) in enumerate(futures.items(), 1):
                 cases = fut.result()
-                for c in cases:
-                    self.log(f"{_status(c):5} {c.cell} {c.name}")
+                bad = [f"{_status(c)} {c.name}" for c in cases if _status(c) != "ok"]
+                what = f"seed {job.seed}" if job.kind == "run" else f"{len(cases)} scenarios"
+                self.log(f"[{n}/{len(jobs)}] {job.image.label}/{Path(job.profile).stem} {what}: "
+                         + ("; ".join(bad) if bad else "ok"))
                 results += cases
         except BaseException:
             self.children.end_all()
@@ -430,6 +462,10 @@ def summarize(results: list[CaseResult], baseline: Baseline) -> tuple[str, int]:
     lines.append("known: " + (", ".join(f"{' '.join(s)} {n}x" for s, n in sorted(known_total.items())) or "none"))
     fixed = [c.fixed_note for c in results if c.fixed_note]
     lines += sorted(set(fixed))
+    missing = [e for e in baseline.entries.values() if not baseline.trace_path(e).is_file()]
+    if missing:
+        lines.append("baseline entries whose minimal trace is missing (run hil baseline update): "
+                     + ", ".join(f"{e.describe()} ({e.trace})" for e in missing))
     unseen = [e for k, e in sorted(baseline.entries.items()) if k not in seen]
     if unseen:
         lines.append("baseline entries seen nowhere in this matrix: " + ", ".join(e.describe() for e in unseen))
@@ -474,6 +510,8 @@ def cmd_ci(args: argparse.Namespace) -> int:
         cfg.scenarios = [] if args.scenarios == "none" else args.scenarios.split(",")
     if args.no_shrink:
         cfg.shrink = False
+    if args.max_shrinks is not None:
+        cfg.max_shrinks_per_cell = args.max_shrinks
     if args.baseline:
         cfg.baseline = Path(args.baseline).resolve()
     baseline = Baseline.load(cfg.baseline) if cfg.baseline else Baseline()
@@ -542,11 +580,12 @@ def add_parser(subparsers: Any) -> None:
     ci.add_argument("--jobs", type=int, help="cells at a time (default: the config's jobs)")
     ci.add_argument("--image", action="append", metavar="ELF", help="run these images instead of the config's")
     ci.add_argument("--profile", action="append", help="run these profiles instead of the config's")
-    ci.add_argument("--seeds", help="comma-separated seeds instead of the config's")
+    ci.add_argument("--seeds", help="comma-separated seeds instead of the config's (\"\": no random cells)")
     ci.add_argument("--ops", type=int, help="ops per seed instead of the config's")
     ci.add_argument("--scenarios", help="comma-separated scenario names, or none")
     ci.add_argument("--baseline", help="baseline file instead of the config's")
     ci.add_argument("--no-shrink", action="store_true", help="do not shrink new findings")
+    ci.add_argument("--max-shrinks", type=int, metavar="N", help="new signatures shrunk per case (default: config's)")
     ci.add_argument("--no-build", action="store_true", help="do not run the images' build commands")
     ci.set_defaults(fn=cmd_ci)
     b = subparsers.add_parser("baseline", help="the baseline of known findings: update from minimal traces, show")
