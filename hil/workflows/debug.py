@@ -98,6 +98,10 @@ def _gdb_preexec() -> None:
     die_with_parent()
 
 
+def _hang_up(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_debug(args: argparse.Namespace) -> int:
     trace_path = Path(args.trace)
     trace = read_trace(trace_path)
@@ -115,6 +119,8 @@ def cmd_debug(args: argparse.Namespace) -> int:
     assert isinstance(op, m.Op)  # select_index refuses a Poke
     functions = core.implementing_functions(type(op), GUEST_SRC)
     gdb_proc: subprocess.Popen[bytes] | None = None
+    # the terminal closed: end gdb and QEMU as on SIGTERM (hil's main handles the interrupt)
+    old_hup = signal.signal(signal.SIGHUP, _hang_up)
     try:
         runner = Runner(session)
         runner.start()
@@ -180,3 +186,4 @@ def cmd_debug(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
             session.close()
+            signal.signal(signal.SIGHUP, old_hup)

@@ -337,11 +337,12 @@ def ops_listing(events: Sequence[object], done: Sequence[Record], recorded: Sequ
     """Events current-around .. current+around: `done` are the ones run in this session (with
     their results and findings as checked here), `recorded` what the trace holds."""
     lines = []
+    by_index = {r.index: r for r in done}
     lo, hi = max(0, current - around), min(len(events) - 1, current + around)
     for i in range(lo, hi + 1):
         mark = "=>" if i == current else "  "
-        if i < len(done):
-            rec = done[i]
+        if i in by_index:
+            rec = by_index[i]
             res = "" if rec.result is None else f" -> {rec.result!r}"
             lines.append(f"{mark} {i:5d} {rec.event!r}{res}")
             lines += [f"         {f.describe()}" for f in rec.findings]

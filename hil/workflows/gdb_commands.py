@@ -49,6 +49,11 @@ class GdbDrive:
     """What Runner.step calls on a Session, served inside gdb. hil-step has already run the
     guest to hil_op_done, so apply() only reads the response the op left in the mailbox."""
 
+    # the Runner attaches its oracles to a Session's reader and layout after a reboot; this
+    # drive has none (hil debug arms the MMU probes itself, see PlannedProbes)
+    memory = None
+    layout = None
+
     def __init__(self, dbg: Debugger):
         self.dbg = dbg
 
@@ -64,7 +69,7 @@ class GdbDrive:
     def snapshot(self, prev: State | None = None) -> State:
         return read_state(self.dbg.mem, self.dbg.layout, prev)
 
-    def reset(self) -> None:
+    def reset(self, *, reboot: bool = False) -> None:
         # a PANIC / EXCEPTION needs a new machine: not from inside gdb (see hil-step)
         self.dbg.needs_reboot = True
 
@@ -106,6 +111,7 @@ class Debugger:
         # MMU probes are planned and written with each request (hil debug did op N's), so the
         # Runner gets them through PlannedProbes and never attaches its own
         self.runner.probes_enabled = False
+        self.runner.qemu_every = 0  # (QEMU's monitor is the harness's, not gdb's)
         self.probes: core.PlannedProbes | None = None
         if saved["probes"]:
             self.probes = core.PlannedProbes(oracles.MmuProbes(self.mem, self.layout), saved["probe_plan"])

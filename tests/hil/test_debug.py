@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,10 @@ def test_interactive_debug_session_before_a_spec_finding(tmp_path: Path) -> None
 
         # a bad argument is a gdb error, the session goes on
         assert "hil-slot: " in g.run("hil-slot nope")
+        # Ctrl-C at the prompt is gdb's, not hil's: the session (and its QEMU) stays
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        assert g.run("hil-pt 1 0").strip() == f"vs 1: {walk_before.describe()}"
 
         # hil-step: finish the op, every check, the findings the reference run reported
         step = g.run("hil-step").splitlines()
@@ -145,6 +150,9 @@ def test_interactive_debug_session_before_a_spec_finding(tmp_path: Path) -> None
             child.sendline("y")
             child.expect(pexpect.EOF)
     finally:
+        if child.isalive():  # a failed assertion: end hil debug as a closed terminal would
+            child.kill(signal.SIGHUP)
+            child.expect(pexpect.EOF, timeout=30 * timeout_scale())
         child.close(force=True)
     assert child.exitstatus == 0, child.before
     assert _census() == census
@@ -193,6 +201,26 @@ def test_batch_stops_at_the_faulting_instruction(tmp_path: Path) -> None:
     assert f"op 1 {events[1]!r} -> OpResult(Status.EXCEPTION, 14, ())" in text
     assert f"quit and run hil debug {path} --at 2" in text
     assert _census() == census
+
+
+def test_batch_steps_through_several_ops() -> None:
+    trace = read_trace(MAP2)
+    events = [r.event for r in trace.records]
+    session, runner = _reference(events, len(events))  # type: ignore[arg-type]
+    session.close()
+    cmds = "hil-step; frame; hil-step; frame; hil-step; hil-ops --around 1"
+    out = subprocess.run([HIL, "debug", str(MAP2), "--at", "5", "--batch", cmds], cwd=REPO, capture_output=True,
+                         text=True, timeout=120 * timeout_scale())  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert f"hil debug: stopped before op 5 {events[5]!r} in dispatch -> op_cursor -> op_open" in text
+    for rec in runner.records[5:]:  # each op's result and findings as the reference run checked them
+        step = f"op {rec.index} {rec.event!r} -> {rec.result!r}\n"
+        step += "\n".join(f.describe() for f in rec.findings) if rec.findings else "no findings"
+        assert step in text
+    assert f"stopped before op 6 {events[6]!r} in dispatch -> op_frame\n#0  op_frame (" in text
+    assert f"stopped before op 7 {events[7]!r} in dispatch -> op_cursor -> op_map\n#0  op_map (" in text
+    assert "end of the trace" in text
 
 
 def test_from_the_run_summary_to_gdb_in_one_command(tmp_path: Path) -> None:
