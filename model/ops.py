@@ -50,6 +50,7 @@ class ErrorCode(enum.IntEnum):
     VM_SPACE_BUSY = 13  # drop of a VmSpace that a live cursor still borrows
     NO_SPACE = 14  # the guest's handle registry is full
     BAD_ARG = 15  # malformed argument (unknown prop bits, R missing, bad segment offset)
+    NOT_UFRAME = 16  # map of a frame handle that is not a UFrame (exec's types cannot express it)
 
 
 class PanicCode(enum.IntEnum):

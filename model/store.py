@@ -480,6 +480,13 @@ def _live(mapping: Mapping[int, object], key: int) -> None:
         raise _Err(ErrorCode.BAD_ID)
 
 
+def _is_uframe(tx: _Tx, paddr: int) -> bool:
+    """A frame handle is a UFrame iff its slot's metadata is untyped (a data frame, vt Frame).
+    The guest types the handle when it is made (registry w1); a live handle holds a reference,
+    so the slot cannot be torn down and retyped meanwhile: the two agree."""
+    return tx.slot(frame_to_index(paddr)).vt == int(Usage.FRAME)
+
+
 def _nav_panics(c: CursorView, length: int) -> None:
     if length % PAGE_SIZE:
         raise _Panic(PanicCode.FIND_NEXT_LEN_UNALIGNED)
@@ -715,6 +722,8 @@ def _map(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     view = _cursor(tx.base, op.cursor)
     _live(tx.frames, op.frame)
     view = _cursor(tx.base, op.cursor, mutable=True)
+    if not _is_uframe(tx, tx.frames[op.frame]):
+        raise _Err(ErrorCode.NOT_UFRAME)
     if not prop_ok(op.prop):
         raise _Err(ErrorCode.BAD_ARG)
     if view.va >= view.end or view.va + PAGE_SIZE > view.end:

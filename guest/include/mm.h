@@ -44,6 +44,7 @@ u64 get_slot_check(u64 pa);            /* 0 or HIL_ERR_NOT_ALIGNED / OUT_OF_BOUN
 u64 frame_from_unused(u64 pa, bool unique);     /* 0 or an ERR code; state unchanged on ERR */
 u64 frame_from_in_use(u64 pa);                  /* 0 or an ERR code; panics on overflow */
 void frame_inc_ref(u64 pa);                     /* Frame::clone */
+u64 frame_handle_type(u64 pa);                  /* HIL_REG_FRAME_TYPE_UFRAME iff the slot is a data frame */
 void frame_drop_ref(u64 pa);                    /* Frame drop: rc - 1, tear down at 1 (no on_drop of children) */
 void pt_node_drop_ref(u64 pa);                  /* drop a stray PT node: at its last ref, on_drop its children */
 u64 op_frame(u64 op);                          /* frame / segment / unique op dispatch */

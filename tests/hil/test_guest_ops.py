@@ -459,3 +459,43 @@ def test_random_raw_requests_never_crash_or_hang(fresh: Session) -> None:
         if resp.status in (m.Status.PANIC, m.Status.EXCEPTION):
             s.reset()
     assert statuses.get("OK", 0) > 20 and statuses.get("ERR", 0) > 100, statuses
+
+
+def test_map_of_a_page_table_node_handle_is_refused_and_changes_no_byte(fresh: Session) -> None:
+    """map takes a UFrame; from_in_use on a page-table node gives a Frame<dyn AnyFrameMeta>
+    (registry w1 = REG_FRAME_TYPE_OTHER) that exec's types cannot pass to map: ERR NOT_UFRAME,
+    and no byte of guest RAM changes except the mailbox and the dead part of the op's stack."""
+    from hil.target import abi
+
+    s = fresh
+    assert s.memory is not None and s.layout is not None
+    vs, c = new_space(s)
+    f, _ = frame(s, 0)
+    ok(s, m.Map(cursor=c, frame=f))  # a tree with an L1 node
+    snap = s.snapshot()
+    l1 = next(n.paddr for n in snap.vm_spaces[vs].nodes.values() if n.level == 1)
+    for target in (snap.vm_spaces[vs].root, l1, s.layout.meta_base, s.layout.kernel_root):
+        h = ok(s, m.FrameFromInUse(paddr=target)).get("frame")
+        typed = dict(ok(s, m.FrameFromInUse(paddr=target)).values)  # a second one, dropped below
+        ram_before = s.memory.read(0, s.layout.ram_size)
+        res = s.apply(m.Map(cursor=c, frame=h)).result
+        ram_after = s.memory.read(0, s.layout.ram_size)
+        assert res == m.OpResult.err(E.NOT_UFRAME), res
+        allowed = [(s.layout.mailbox, s.layout.mailbox + abi.MAILBOX_SIZE)]
+        bottom = s.elf.vaddr_to_paddr(s.elf.symbol("boot_stack_bottom"))
+        allowed.append((bottom, bottom + s.elf.symbol("boot_stack_top") - s.elf.symbol("boot_stack_bottom")))
+        rec = s.elf.symbols["op_recover"]
+        allowed.append((s.elf.vaddr_to_paddr(rec[0]), s.elf.vaddr_to_paddr(rec[0]) + rec[1]))
+        changed = [i for i in range(0, len(ram_before), 8) if ram_before[i : i + 8] != ram_after[i : i + 8]]
+        stray = [hex(i) for i in changed if not any(lo <= i < hi for lo, hi in allowed)]
+        assert not stray, f"map of a non-UFrame handle changed RAM at {stray[:8]}"
+        # the handle's type as the guest recorded it, read from the registry in guest memory
+        reg = s.memory.read(s.layout.registry_base, s.layout.registry_entries * abi.REGISTRY_ENTRY_SIZE)
+        words = [struct.unpack_from("<8Q", reg, i * abi.REGISTRY_ENTRY_SIZE) for i in range(s.layout.registry_entries)]
+        (entry,) = [w for w in words if w[0] == abi.REG_FRAME and w[1] == h]
+        assert entry[2:4] == (target, abi.REG_FRAME_TYPE_OTHER)
+        ok(s, m.FrameDrop(frame=h))
+        ok(s, m.FrameDrop(frame=typed["frame"]))
+    # a data frame's from_in_use handle is a UFrame and maps
+    g = ok(s, m.FrameFromInUse(paddr=frame(s, 1)[1])).get("frame")
+    ok(s, m.Map(cursor=c, frame=g))

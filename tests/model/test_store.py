@@ -504,3 +504,17 @@ def test_unknown_op_and_harness_ops() -> None:
     assert run.do(o.Nop(value=5)).values == (("value", 5),)
     assert run.do(o.Activate(vs=3)) == o.OpResult.err(ErrorCode.BAD_ID)
     assert run.do(o.Activate(vs=0)).status == Status.OK
+
+
+def test_map_of_a_non_uframe_handle_is_refused() -> None:
+    """from_in_use on a page-table node, metadata or kernel frame gives a handle that is not a
+    UFrame: map refuses it (NOT_UFRAME, after the ids and the cursor's kind, before the prop)."""
+    run, vs, c = setup_mapped(1)
+    root = run.state.vm_spaces[vs].root
+    for paddr in (root, LAY.meta_start, LAY.kernel_start):
+        h = run.ok(o.FrameFromInUse(paddr=paddr)).get("frame")
+        before = run.state
+        assert run.do(o.Map(cursor=c, frame=h)) == o.OpResult.err(ErrorCode.NOT_UFRAME)
+        assert run.state == before and run.state.changed == frozenset()
+    ro = run.ok(o.OpenCursor(vs=run.vm_space(), start=0, end=GiB)).get("cursor")
+    assert run.do(o.Map(cursor=ro, frame=h)) == o.OpResult.err(ErrorCode.WRONG_KIND)

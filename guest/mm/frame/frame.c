@@ -103,6 +103,10 @@ void pt_node_drop_ref(u64 pa) {
     }
 }
 
+u64 frame_handle_type(u64 pa) {
+    return meta_slot(pa)->vtable == HIL_USAGE_FRAME ? HIL_REG_FRAME_TYPE_UFRAME : HIL_REG_FRAME_TYPE_OTHER;
+}
+
 static bool room(u64 n) { return reg_free_count() >= n; }
 
 static u64 new_handle(u64 kind, int idkind, u64 w0, u64 w1) {
@@ -141,7 +145,11 @@ u64 op_frame(u64 op) {
             return HIL_ERR_NO_SPACE;
         if ((err = frame_from_in_use(a0)))
             return err;
-        mb_result(HIL_RES_FRAME_FROM_IN_USE_FRAME, new_handle(HIL_REG_FRAME, ID_FRAME, a0, 0));
+        /* The handle's type is the slot's: a UFrame only over untyped (data-frame) metadata;
+         * a page-table node, metadata or kernel frame stays a Frame<dyn AnyFrameMeta>, which
+         * map cannot take (TryFrom<Frame<dyn AnyFrameMeta>> for UFrame checks is_untyped). */
+        mb_result(HIL_RES_FRAME_FROM_IN_USE_FRAME,
+                  new_handle(HIL_REG_FRAME, ID_FRAME, a0, frame_handle_type(a0)));
         return 0;
     case HIL_OP_FRAME_DROP: {
         if (!(e = reg_find(HIL_REG_FRAME, a0)))

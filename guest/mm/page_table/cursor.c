@@ -339,11 +339,13 @@ u64 op_cursor(u64 op) {
         mb_result(HIL_RES_VIRT_ADDR_VA, va_of(&c));
         return 0;
     case HIL_OP_MAP:
-        /* validation order: both ids, then the kind, then the prop */
+        /* validation order: both ids, the cursor's kind, the handle's type, then the prop */
         if (!reg_find(HIL_REG_CURSOR, a0) || !reg_find(HIL_REG_FRAME, a1))
             return HIL_ERR_BAD_ID;
         if ((err = load(a0, &c, true)))
             return err;
+        if (reg_find(HIL_REG_FRAME, a1)->w[1] != HIL_REG_FRAME_TYPE_UFRAME)
+            return HIL_ERR_NOT_UFRAME;  /* map takes a UFrame: exec's types refuse any other */
         if (!prop_word_valid(a2))
             return HIL_ERR_BAD_ARG;
         return op_map(&c, a1, a2);
