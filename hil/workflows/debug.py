@@ -132,8 +132,12 @@ def cmd_debug(args: argparse.Namespace) -> int:
         found = sum(len(r.findings) for r in runner.records)
         compared = sum(1 for r in trace.records[:index] if r.result is not None)
         same = f"identical to the {compared} recorded" if compared else "the trace records no results to compare"
-        print(f"hil debug: replayed events 0..{index - 1} of {name} with every check ({found} findings; {same}); "
-              f"op {index} {op!r} is in the mailbox", file=sys.stderr)  # fmt: skip
+        done = (
+            f"replayed events 0..{index - 1} of {name} with every check ({found} findings; {same})"
+            if index
+            else f"{name}: nothing to replay before op 0"
+        )
+        print(f"hil debug: {done}; op {index} {op!r} is in the mailbox", file=sys.stderr)
         machine, memory, layout = session.machine, session.memory, session.layout
         assert machine is not None and memory is not None and layout is not None and runner.state is not None
         seq = abi.decode_response(memory.read(layout.mailbox, abi.MAILBOX_SIZE)).seq + 1

@@ -179,6 +179,11 @@ class Debugger:
         self._resume()
         if bp.is_valid():  # still there: it was not hit
             bp.delete()
+            if self.finished():
+                # e.g. an argument error returned before the op's function was called
+                resp = self.response()
+                return (f"{' -> '.join(chain)}: the op returned (status {resp.status.name}, code {resp.code}) "
+                        f"without reaching {target}; hil-step checks it")  # fmt: skip
             raise core.DebugInputError(f"op {self.index}: stopped at {_reg('pc'):#x} before reaching {target}")
         return " -> ".join(chain)
 

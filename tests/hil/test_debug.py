@@ -100,9 +100,17 @@ def test_interactive_debug_session_before_a_spec_finding(tmp_path: Path) -> None
         g = Gdb(child)
         assert g.run("frame").startswith("#0  op_map (")
 
-        # hil-pt: the overview, and the per-level walk of VA 0 as the reference read it
+        # the commands' help is their parser's
+        assert "usage: hil-slot [-h] paddr" in g.run("help hil-slot")
+
+        # hil-pt: the overview, the VmSpace's mappings, and the per-level walk of VA 0 as the
+        # reference read them
         overview = g.run("hil-pt")
-        assert f"vs 1: root {root:#x}" in overview
+        assert f"vs 1: root {root:#x}, {len(before.vm_spaces[1].nodes)} nodes, 1 mappings, cursor 2" in overview
+        maps = g.run("hil-pt 1").splitlines()
+        want = before.vm_spaces[1].mappings()
+        assert len(maps) == 1 + len(want) and all(f"-> {mp.paddr:#x}  L{mp.level}  pte {mp.pte:#018x}" in maps[k + 1]
+                                                  for k, mp in enumerate(want[va] for va in sorted(want)))  # fmt: skip
         assert g.run("hil-pt 1 0").strip() == f"vs 1: {walk_before.describe()}"
 
         # hil-slot: guest now (= before the op) and the model's expectation for the old frame
@@ -141,6 +149,9 @@ def test_interactive_debug_session_before_a_spec_finding(tmp_path: Path) -> None
         assert step[0] == f"op {n} {op!r} -> {rec.result!r}"
         assert step[1 : 1 + len(expected_findings)] == expected_findings
         assert "end of the trace" in step
+        child.sendline("")  # Enter repeats the last command, except those that move the guest
+        child.expect_exact(PROMPT)
+        assert child.before.replace("\r", "").strip() == ""
         assert rec.result == pred_result  # guest and model agree: the finding is the spec's
         assert g.run("hil-pt 1 0").strip() == f"vs 1: {walk_after.describe()}"
         assert "the trace ends at op" in g.run("hil-step")
