@@ -180,6 +180,12 @@ static void run_op(void) {
     hil_mailbox[HIL_OFF_MESSAGE] = 0;
     *mb_word(HIL_OFF_RESP_STATUS) = HIL_STATUS_NONE;
 
+    /* the previous request lent CR3 to the harness's QEMU oracle (OFF_VIEW_ROOT): take it back */
+    static u64 view_saved_cr3;
+    if (view_saved_cr3) {
+        write_cr3(view_saved_cr3);
+        view_saved_cr3 = 0;
+    }
     u64 op = *mb_word(HIL_OFF_REQ_OP);
     /* MMU probes around the op (hil/target/abi.py OFF_PROBE_*): touch, op, probe, in this one
      * request so nothing between the touch and the probe evicts the TLB entries */
@@ -205,6 +211,12 @@ static void run_op(void) {
             run_probes(nprobe, false);
         write_cr3(saved_cr3);
         *mb_word(HIL_OFF_PROBE_COUNT) = 0;  /* consumed */
+    }
+    u64 view = *mb_word(HIL_OFF_VIEW_ROOT);
+    if (view) {
+        view_saved_cr3 = read_cr3();
+        write_cr3(view);
+        *mb_word(HIL_OFF_VIEW_ROOT) = 0;  /* consumed */
     }
 }
 

@@ -16,11 +16,22 @@
 
 from __future__ import annotations
 
+import random
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hil.check import Finding, Kind
-from hil.observe.snapshot import Outcome, translate
+from hil.observe.snapshot import (
+    Outcome,
+    TlbLine,
+    compare_info_tlb,
+    leaf_mappings,
+    parse_info_tlb,
+    render_info_tlb,
+    translate,
+)
 from hil.target import abi
 from hil.target.memory import PhysMemory
 from model import ops as m
@@ -224,4 +235,71 @@ class MmuProbes:
                     message=f"{msg}; error code {outcome >> 8:#x}; tables: {want.walk}",
                 )
             )
+        return out
+
+
+# --- QEMU's own translation ---------------------------------------------------------------
+# The monitor: HMP on its own unix socket (hil/target/machine.py `hmp`), not QMP through the
+# `qemu.qmp` package. Measured (../shared/NOTES.md "Monitor"; `QemuTranslation.seconds` here):
+# `info tlb` takes ~4 ms over HMP and ~41 ms through QMP's human-monitor-command, and QMP has
+# no native command that walks a page table; at one check per op in --paranoid, QMP would
+# cost ~6x the op itself.
+Walker = Callable[[PhysMemory, int, bool], list[TlbLine]]
+USER_TOP = 1 << 47
+FULL_EVERY = 64  # the kernel half (shared, ~130k entries: ~30 ms in Python) every this many checks
+
+
+def our_info_tlb(memory: PhysMemory, root: int, user_only: bool) -> list[TlbLine]:
+    """The walker's rendering of QEMU's `info tlb` for CR3 = root (user half, or whole tree)."""
+    return render_info_tlb(leaf_mappings(memory, root, user_half=user_only, anomalies=[]))
+
+
+class QemuTranslation:
+    """Every `every` ops (and on every op when `every` is 1), QEMU walks one VmSpace's tree
+    (`info tlb` under CR3 = its root, lent by the guest after the op: abi OFF_VIEW_ROOT) and
+    every line is compared with our walker's. The VmSpace is the op's, else a live one."""
+
+    def __init__(self, memory: PhysMemory, layout: abi.Layout, hmp: Callable[[str], str], *, every: int,
+                 walker: Walker = our_info_tlb, seed: int = 0):  # fmt: skip
+        self.memory = memory
+        self.layout = layout
+        self.hmp = hmp
+        self.every = max(1, every)
+        self.walker = walker
+        self.rng = random.Random(seed)
+        self.checks = 0
+        self.lines = 0
+        self.seconds = 0.0
+
+    def plan(self, index: int, before: State, op: m.Op) -> int | None:
+        """The root to view after `op` (written into the mailbox), or None this op."""
+        if index % self.every or isinstance(op, m.DropVmSpace) or not before.vm_spaces:
+            return None
+        vs = -1
+        cursor = getattr(op, "cursor", None)
+        if isinstance(cursor, int) and cursor in before.cursors:
+            vs = before.cursors[cursor].vs
+        if vs not in before.vm_spaces:
+            vs = self.rng.choice(sorted(before.vm_spaces))
+        root = before.vm_spaces[vs].root
+        self.memory.write(self.layout.mailbox + abi.OFF_VIEW_ROOT, struct.pack("<Q", root))
+        return root
+
+    def check(self, index: int, root: int, after: State) -> list[Finding]:
+        t0 = time.perf_counter()
+        vs = next((v for v, view in after.vm_spaces.items() if view.root == root), None)
+        user_only = self.checks % FULL_EVERY != 0
+        qemu = parse_info_tlb(self.hmp("info tlb"))
+        if user_only:
+            qemu = [line for line in qemu if line.va < USER_TOP]
+        ours = self.walker(self.memory, root, user_only)
+        self.checks += 1
+        self.lines += len(qemu)
+        out = [
+            Finding(Kind.WALKER, index, "QEMU", "info tlb", vs=vs, va=d.key,
+                    guest=str(d.qemu) if d.qemu else None, model=str(d.ours) if d.ours else None,
+                    message=f"QEMU's walk of root {root:#x} (guest) and ours (model) differ")
+            for d in compare_info_tlb(qemu, ours)
+        ]  # fmt: skip
+        self.seconds += time.perf_counter() - t0
         return out

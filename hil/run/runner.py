@@ -23,6 +23,9 @@ from model import ops as m
 from model.state import State, changed_slots
 
 REBOOT_STATUSES = (m.Status.PANIC, m.Status.EXCEPTION)
+# QEMU's own translation vs the walker every this many ops (`info tlb` ~4 ms + our render
+# ~1 ms: ~0.1 ms per op at 50); `hil run --paranoid` checks every op. 0: never.
+QEMU_EVERY = 50
 UNPREDICTED_STATUS = {m.Probe: m.Status.OK, m.RaiseFault: m.Status.EXCEPTION}
 
 
@@ -53,7 +56,7 @@ class Runner:
     def __init__(
         self, session: Session, writer: TraceWriter | None = None, *,
         stop_on_finding: bool | str = False, check_enabled: bool = True, probes: bool = True,
-        baseline: Baseline | None = None,
+        baseline: Baseline | None = None, qemu_every: int | None = None,
     ):  # fmt: skip
         self.session = session
         self.writer = writer
@@ -70,6 +73,9 @@ class Runner:
         self.index = 0
         self.probes_enabled = probes and check_enabled
         self.probes: oracles.MmuProbes | None = None
+        self.qemu_every = (QEMU_EVERY if qemu_every is None else qemu_every) if check_enabled else 0
+        self.walker: oracles.Walker = oracles.our_info_tlb  # tests swap in a wrong one
+        self.qemu: oracles.QemuTranslation | None = None
 
     def start(self) -> list[Finding]:
         """Boot and check the invariants of the boot state (op index -1)."""
@@ -94,6 +100,14 @@ class Runner:
             self.probes = oracles.MmuProbes(self.session.memory, self.session.layout)
             if old is not None:
                 self.probes.ops_probed, self.probes.probes_run = old.ops_probed, old.probes_run
+        if self.qemu_every and self.session.memory is not None and self.session.layout is not None:
+            machine = self.session.machine
+            assert machine is not None
+            prev = self.qemu
+            self.qemu = oracles.QemuTranslation(self.session.memory, self.session.layout, machine.hmp,
+                                                every=self.qemu_every, walker=self.walker)  # fmt: skip
+            if prev is not None:
+                self.qemu.checks, self.qemu.lines, self.qemu.seconds = prev.checks, prev.lines, prev.seconds
 
     def step(self, event: Event) -> Record:
         assert self.state is not None
@@ -110,6 +124,7 @@ class Runner:
         if plan is not None:
             assert self.probes is not None
             self.probes.write(plan)
+        view = self.qemu.plan(index, before, op) if self.qemu is not None else None
         obs = self.session.apply(op)
         t1 = time.perf_counter()
         after = self.session.snapshot(before)
@@ -138,6 +153,8 @@ class Runner:
                     findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
                 if plan is not None and self.probes is not None and obs.result.status == m.Status.OK:
                     findings += self.probes.check(index, plan, after)
+                if view is not None and self.qemu is not None and obs.result.status not in REBOOT_STATUSES:
+                    findings += self.qemu.check(index, view, after)
             except InfraError:
                 raise
             except Exception as exc:  # noqa: BLE001 - never how a run ends (see below)

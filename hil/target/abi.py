@@ -39,6 +39,8 @@ OFF_EXC_RSP = 288
 OFF_TLB_INVLPG = 320  # cumulative count of invlpg executed by the TLB flusher
 OFF_TLB_FLUSH_ALL = 328  # cumulative count of full flushes (CR3 reload)
 OFF_FLUSH_LOG_LEN = 336  # invlpg VAs of the current op (first FLUSH_LOG_CAP of them)
+OFF_VIEW_ROOT = 344  # harness: nonzero -> CR3 = this root while stopped after the op (QEMU's monitor
+#                      walks the current CR3); the guest restores its CR3 before the next op
 OFF_MESSAGE = 512  # NUL-terminated text (panic reason)
 MESSAGE_SIZE = 512
 OFF_FLUSH_LOG = 1024  # u64[FLUSH_LOG_CAP]

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from hil.check import Finding, Kind
+from hil.check import Finding, Kind, oracles
+from hil.observe.snapshot import TlbLine
 from hil.run.runner import Runner
 from hil.run.session import Session
+from hil.target.memory import PhysMemory
 from model import ops as m
 from model.types import PAGE_SIZE, CachePolicy, PageFlags, PageProperty, PrivFlags, PropTransform
 
@@ -109,3 +111,42 @@ def test_a_state_the_model_cannot_interpret_is_a_finding_and_the_run_goes_on() -
         assert not [f for f in rec.findings if f.kind == Kind.IMPL]
     finally:
         session.close()
+
+
+def _run_with_walker(walker: oracles.Walker | None) -> tuple[list[Finding], Runner]:
+    session = Session()
+    runner = Runner(session, qemu_every=1)
+    if walker is not None:
+        runner.walker = walker
+    uc = PageProperty(int(PageFlags.R | PageFlags.W), CachePolicy.UNCACHEABLE, int(PrivFlags.USER))
+    found: list[Finding] = []
+    try:
+        runner.start()
+        assert session.layout is not None
+        ops = [op for _, op in scenario(session.layout.data_pool_start)[:4]]
+        ops += [m.Map(cursor=1, frame=1, prop=uc), m.Map(cursor=1, frame=2, prop=RW)]
+        for op in ops:
+            found += [f for f in runner.step(op).findings if f.kind == Kind.WALKER]
+    finally:
+        session.close()
+    return found, runner
+
+
+def test_qemus_own_translation_agrees_with_the_walker() -> None:
+    found, runner = _run_with_walker(None)
+    assert not found, [f.describe() for f in found]
+    assert runner.qemu is not None and runner.qemu.checks == 5 and runner.qemu.lines >= 2
+
+
+def test_a_walker_that_misreads_one_flag_bit_is_caught_by_qemu() -> None:
+    def misreads_pcd(memory: PhysMemory, root: int, user_only: bool) -> list[TlbLine]:
+        # "C" (PCD, bit 4) read as always clear: one flag bit misread
+        return [
+            TlbLine(x.va, x.pa, x.flags[:5] + "-" + x.flags[6:]) for x in oracles.our_info_tlb(memory, root, user_only)
+        ]
+
+    found, _ = _run_with_walker(misreads_pcd)
+    # from the op that maps the uncached page on, at that page only
+    assert found and found[0].op_index == 4, [f.describe() for f in found]
+    assert {(f.clause, f.va) for f in found} == {("QEMU", 0)}, [f.describe() for f in found]
+    assert found[0].guest is not None and "C" in found[0].guest.split()[-1]
