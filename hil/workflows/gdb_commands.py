@@ -87,7 +87,9 @@ class ExceptionStop(gdb.Breakpoint):
 
     def stop(self) -> bool:
         frame_va = _reg("rdi")
-        words = struct.unpack(f"<{len(FRAME_FIELDS)}Q", bytes(gdb.selected_inferior().read_memory(frame_va, 8 * 22)))
+        words = struct.unpack(
+            f"<{len(FRAME_FIELDS)}Q", bytes(gdb.selected_inferior().read_memory(frame_va, 8 * len(FRAME_FIELDS)))
+        )
         frame = dict(zip(FRAME_FIELDS, words, strict=True))
         if frame["vector"] == 14 and int(gdb.parse_and_eval("probe_armed")):
             return False
