@@ -343,8 +343,11 @@ def _cmd_start(args: argparse.Namespace) -> None:
     path = os.environ.get(ENV_CONTEXT)
     if not path:
         raise core.DebugInputError(f"{ENV_CONTEXT} is not set: start gdb through `hil debug TRACE`")
-    with open(path, encoding="utf-8") as fh:
-        ctx = core.Context.from_json(json.load(fh))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ctx = core.Context.from_json(json.load(fh))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise core.DebugInputError(f"cannot read the hil debug context {path}: {exc}") from None
     _DBG = d = Debugger(ctx)
     chain = d.enter_op()
     recorded = d.trace.records[d.index]
