@@ -35,10 +35,11 @@ without one they raise `WalkError` when there is something to report.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hil.errors import AbiError, HilError
@@ -195,6 +196,7 @@ class AnomalyKind(enum.Enum):
     BAD_TYPE_WORD = "bad_type_word"  # an in-use slot's type word is no Usage value
     REGISTRY = "registry"  # a malformed handle-registry entry
     SLOT_BYTES = "slot_bytes"  # slot bytes exec leaves defined (zero) are not: UNUSED tag/storage, padding
+    UNLOGGED = "unlogged"  # a full read found a change no op's footprint named (Footprint, Session.full_every)
 
 
 @dataclass(frozen=True)
@@ -522,9 +524,12 @@ class Registry:
     anomalies: list[Anomaly] = field(default_factory=list)
 
 
-def decode_registry(raw: bytes, *, base: int = 0, entry_size: int = abi.REGISTRY_ENTRY_SIZE) -> Registry:
+def decode_registry(raw: bytes | bytearray, *, base: int = 0, entry_size: int = abi.REGISTRY_ENTRY_SIZE,
+                    indices: Iterable[int] | None = None) -> Registry:  # fmt: skip
     """Decode the registry bytes (`base` is its paddr, for anomaly reports only). Entry 0 must
-    be REG_COUNTERS; other entries are FREE or one handle each (u64 kind, id, w[6])."""
+    be REG_COUNTERS; other entries are FREE or one handle each (u64 kind, id, w[6]).
+    `indices` (ascending, 0 included) limits the decode to those entries: an all-zero entry
+    decodes to nothing, so the non-zero ones give the same Registry."""
     if entry_size != abi.REGISTRY_ENTRY_SIZE:
         raise AbiError(f"registry entry size {entry_size}, expected {abi.REGISTRY_ENTRY_SIZE}")
     reg = Registry()
@@ -534,7 +539,7 @@ def decode_registry(raw: bytes, *, base: int = 0, entry_size: int = abi.REGISTRY
         reg.anomalies.append(Anomaly(AnomalyKind.REGISTRY, f"entry {i}: {why}", paddr=base + i * entry_size,
                                      raw=kind))  # fmt: skip
 
-    for i in range(len(raw) // entry_size):
+    for i in range(len(raw) // entry_size) if indices is None else indices:
         kind, ident, *w = _ENTRY.unpack_from(raw, i * entry_size)
         if i == 0:
             if kind != abi.REG_COUNTERS:
@@ -569,43 +574,13 @@ def decode_registry(raw: bytes, *, base: int = 0, entry_size: int = abi.REGISTRY
 
 
 # --- the whole State --------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Cache:
-    """Kept on State.raw_cache for the next snapshot's diff."""
-
-    meta_base: int
-    slot_count: int
-    raw_meta: bytes
-    refs: dict[int, tuple[frozenset[TreePath], int]]
-    slot_anomalies: dict[int, Anomaly]
-
-
-_CHUNK_SLOTS = 64
-
-
-def _changed_raw_slots(old: bytes, new: bytes, slot_size: int) -> list[int]:
-    """Indices whose slot bytes differ; compares 4 KiB chunks first (memcmp speed)."""
-    if old == new:
-        return []
-    out: list[int] = []
-    chunk = _CHUNK_SLOTS * slot_size
-    for off in range(0, len(new), chunk):
-        if old[off : off + chunk] != new[off : off + chunk]:
-            for s in range(off, min(off + chunk, len(new)), slot_size):
-                if old[s : s + slot_size] != new[s : s + slot_size]:
-                    out.append(s // slot_size)
-    return out
-
-
-@dataclass
-class _Refs:
-    """Per slot index: the set of tree paths of the PTEs (and roots) naming it, and their count."""
-
-    paths: dict[int, set[TreePath]] = field(default_factory=dict)
-    count: dict[int, int] = field(default_factory=dict)
-
-    def frozen(self) -> dict[int, tuple[frozenset[TreePath], int]]:
-        return {i: (frozenset(p), self.count[i]) for i, p in self.paths.items()}
+# A snapshot costs what the op touched (issue 15): each page-table node is decoded once and
+# its decoding (children, anomalies, the slot references it holds) kept in a `_NodeInfo`; the
+# next snapshot reuses a node whose bytes did not change, and updates the per-slot reference
+# sets by the difference of the nodes that did. Registry entries and slots are decoded only
+# where their bytes changed. What is *read* is either everything (compared against the cached
+# bytes: exact, the default) or a `Footprint` (Session, per op): the slots an op can have
+# written (see `Footprint`), checked against a full read every N ops by the caller.
 
 
 # A root is named by path () but no PTE points at it: refs counts PTEs only, so a root adds 0
@@ -613,29 +588,259 @@ class _Refs:
 ROOT_REFS = 0
 
 
-def _collect_refs(walk: TreeWalk, refs: _Refs, slot_count: int, sink: list[Anomaly]) -> None:
-    """Add this tree's references in OSTD's terms: the root itself (path (), ROOT_REFS), every
-    leaf (its entry's path) and every child table (the path of the entry pointing to it).
-    A 2 MiB / 1 GiB leaf is attributed to the slot of its first frame only (OSTD user page
-    tables hold 4 KiB leaves only; `nodes` shows any huge leaf to the checker)."""
+@dataclass(frozen=True)
+class _NodeInfo:
+    """One node's decoding, a function of its bytes, paddr, level and path only."""
 
-    def add(paddr: int, path: TreePath, level: int, entry_paddr: int, raw: int, n: int = 1) -> None:
-        index = paddr // PAGE_SIZE
+    raw: bytes
+    node: PageTableNode
+    # in entry order: ("anomaly", Anomaly) or ("child", index, child paddr, entry)
+    actions: tuple[tuple[object, ...], ...]
+    contrib: tuple[tuple[int, TreePath, int], ...]  # (slot index, path, refs) it adds; root: ((), 0)
+    no_slot: tuple[Anomaly, ...]
+
+
+def _node_info(root: int, paddr: int, level: int, path: TreePath, data: bytes, user_half: bool, ram_size: int,
+               slot_count: int) -> _NodeInfo:  # fmt: skip
+    raw = _NODE.unpack(data)
+    node = PageTableNode(paddr, level, path, tuple(e & ~AD_BITS for e in raw))
+    actions: list[tuple[object, ...]] = []
+    contrib: list[tuple[int, TreePath, int]] = []
+    no_slot: list[Anomaly] = []
+
+    def ref(target: int, here: TreePath, at: int, e: int, n: int) -> None:
+        index = target // PAGE_SIZE
         if index >= slot_count:
-            why = f"target {paddr:#x} has no metadata slot ({slot_count} slots)"
-            sink.append(Anomaly(AnomalyKind.NO_SLOT, why, walk.root, path, level, entry_paddr, raw))
-            return
-        refs.paths.setdefault(index, set()).add(path)
-        refs.count[index] = refs.count.get(index, 0) + n
+            why = f"target {target:#x} has no metadata slot ({slot_count} slots)"
+            no_slot.append(Anomaly(AnomalyKind.NO_SLOT, why, root, here, level if here else LEVELS, at, e))
+        else:
+            contrib.append((index, here, n))
 
-    if walk.root not in walk.nodes:
-        return
-    add(walk.root, (), LEVELS, walk.root, 0, ROOT_REFS)
-    for node in walk.nodes.values():
-        for i in _root_indices(node.level, walk.user_half):
-            e = node.entries[i]
-            if ostd_leaf(e, node.level) or descends(e, node.level):
-                add(e & ADDR_MASK, node.path + (i,), node.level, node.paddr + 8 * i, e)
+    if path == ():
+        ref(paddr, (), paddr, 0, ROOT_REFS)
+    masked = node.entries
+    for i in _root_indices(level, user_half):
+        e = raw[i]
+        if not e:
+            continue
+        here = path + (i,)
+        m = masked[i]
+        if ostd_leaf(m, level) or descends(m, level):
+            ref(m & ADDR_MASK, here, paddr + 8 * i, m, 1)
+        if level == LEVELS and e & BIT_P and e & BIT_7:
+            why = "bit 7 set in a root entry: the MMU faults, OSTD sees a 512 GiB leaf; not descended"
+            actions.append(("anomaly", Anomaly(AnomalyKind.RESERVED, why, root, here, level, paddr + 8 * i, e)))
+        if not descends(e, level):
+            continue
+        child = e & ADDR_MASK
+        if child + PAGE_SIZE > ram_size:
+            why = f"table pointer to {child:#x} beyond RAM ({ram_size:#x}); subtree unreadable"
+            actions.append(("anomaly", Anomaly(AnomalyKind.OUTSIDE_RAM, why, root, here, level, paddr + 8 * i, e)))
+            continue
+        actions.append(("child", i, child, e))
+    return _NodeInfo(bytes(data), node, tuple(actions), tuple(contrib), tuple(no_slot))
+
+
+@dataclass
+class _Tree:
+    root: int
+    infos: dict[int, _NodeInfo]  # paddr -> info, in visit order
+    anomalies: list[Anomaly]
+    nodes: dict[int, PageTableNode]
+
+
+def _walk_cached(
+    mem: PhysMemory, root: int, slot_count: int, old: _Tree | None, fetch: Callable[[int, bool], bytes | None],
+) -> _Tree:  # fmt: skip
+    """walk_tree (user half) reusing `old`'s decoding of every node whose bytes are unchanged.
+    `fetch(paddr, known)` returns the node's bytes, or None for "unchanged" (only when known)."""
+    root &= ADDR_MASK
+    tree = _Tree(root, {}, [], {})
+    if root + PAGE_SIZE > mem.ram_size:
+        why = f"root beyond RAM ({mem.ram_size:#x})"
+        tree.anomalies.append(Anomaly(AnomalyKind.OUTSIDE_RAM, why, root, (), LEVELS, root, root))
+        return tree
+    old_infos = old.infos if old is not None and old.root == root else {}
+    seen: dict[int, TreePath] = {}
+
+    def visit(paddr: int, level: int, path: TreePath) -> None:
+        prev_info = old_infos.get(paddr)
+        if prev_info is not None and (prev_info.node.level != level or prev_info.node.path != path):
+            prev_info = None
+        data = fetch(paddr, prev_info is not None)
+        if prev_info is not None and (data is None or data == prev_info.raw):
+            info = prev_info
+        else:
+            assert data is not None
+            info = _node_info(root, paddr, level, path, data, True, mem.ram_size, slot_count)
+        seen[paddr] = path
+        tree.infos[paddr] = info
+        tree.nodes[paddr] = info.node
+        for act in info.actions:
+            if act[0] == "anomaly":
+                assert isinstance(act[1], Anomaly)
+                tree.anomalies.append(act[1])
+                continue
+            _, i, child, e = act
+            assert isinstance(i, int) and isinstance(child, int) and isinstance(e, int)
+            here = path + (i,)
+            if child in seen:
+                why = f"node {child:#x} already reached at path {list(seen[child])}; not descended again"
+                tree.anomalies.append(Anomaly(AnomalyKind.SHARED_NODE, why, root, here, level, paddr + 8 * i, e))
+                continue
+            visit(child, level - 1, here)
+
+    visit(root, LEVELS, ())
+    return tree
+
+
+@dataclass
+class _RefAcc:
+    """Per slot index: multiplicity of each tree path naming it, and the reference count.
+    Owned by exactly one cache at a time (updated in place by the next snapshot)."""
+
+    paths: dict[int, dict[TreePath, int]] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+
+    def add(self, contrib: Iterable[tuple[int, TreePath, int]], sign: int, touched: set[int]) -> None:
+        for index, path, n in contrib:
+            touched.add(index)
+            per = self.paths.setdefault(index, {})
+            left = per.get(path, 0) + sign
+            if left:
+                per[path] = left
+            else:
+                del per[path]
+            total = self.count.get(index, 0) + sign * n
+            if per:
+                self.count[index] = total
+            else:
+                del self.paths[index]
+                self.count.pop(index, None)
+
+    def get(self, index: int) -> tuple[frozenset[TreePath], int]:
+        per = self.paths.get(index)
+        if not per:
+            return frozenset(), 0
+        return frozenset(per), self.count[index]
+
+
+@dataclass
+class _Cache:
+    """Kept on State.raw_cache for the next snapshot. Its mutable parts (raw bytes, reference
+    sets) are handed to the next snapshot, which updates them in place: a second snapshot from
+    the same `prev` finds it `consumed` and reads from scratch."""
+
+    meta_base: int
+    slot_count: int
+    raw_meta: bytearray
+    raw_registry: bytearray
+    live_entries: set[int]  # registry entries with any non-zero byte
+    trees: dict[tuple[str, int], _Tree]
+    acc: _RefAcc
+    slot_anomalies: dict[int, Anomaly]
+    consumed: bool = False
+
+    def copy(self) -> _Cache:
+        """An unconsumed copy (its own bytes and reference sets; node decodings are immutable)."""
+        acc = _RefAcc({i: dict(p) for i, p in self.acc.paths.items()}, dict(self.acc.count))
+        trees = {k: _Tree(t.root, t.infos, t.anomalies, t.nodes) for k, t in self.trees.items()}
+        return _Cache(self.meta_base, self.slot_count, bytearray(self.raw_meta), bytearray(self.raw_registry),
+                      set(self.live_entries), trees, acc, dict(self.slot_anomalies))  # fmt: skip
+
+
+def compare_states(partial: State, full: State) -> list[Anomaly]:
+    """What a footprint read (`partial`) missed, by a full read of the same memory (`full`)."""
+    out: list[Anomaly] = []
+    slots_p, slots_f = partial.slots, full.slots
+    if slots_p != slots_f:
+        bad = [i for i in range(len(slots_f)) if slots_p.get(i) != slots_f.get(i)]
+        for i in bad[:8]:
+            why = f"slot {i} changed outside every op's footprint since the last full read"
+            out.append(Anomaly(AnomalyKind.UNLOGGED, why, paddr=i * PAGE_SIZE))
+        if len(bad) > 8:
+            out.append(Anomaly(AnomalyKind.UNLOGGED, f"{len(bad) - 8} more slots changed outside every footprint"))
+    for name in ("vm_spaces", "leaked", "cursors", "frames", "segments", "uniques", "next_ids", "kernel_upper"):
+        if getattr(partial, name) != getattr(full, name):
+            out.append(Anomaly(AnomalyKind.UNLOGGED, f"{name} changed outside every op's footprint"))
+    return out
+
+
+def fork_state(state: State) -> State:
+    """`state` with a private copy of its snapshot cache, so that it can be the `prev` of
+    another snapshot later (e.g. the boot state after a reset) while the original's cache is
+    handed on. Raises ValueError when its cache was already handed on."""
+    cache = state.raw_cache
+    if not isinstance(cache, _Cache) or cache.consumed:
+        raise ValueError("this State's snapshot cache is gone (fork it before the next snapshot)")
+    return dataclasses.replace(state, raw_cache=cache.copy())
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a snapshot reads instead of everything (Session, per op; the caller checks it
+    against a full read every N ops, so a write outside it is still found).
+
+    Always read, whatever the op: the registry (or, with `registry_prefix`, its entries up to
+    the highest live one plus a margin: the guest takes the lowest free entry), the slots of
+    the page-table pool up to the highest node ever seen, the slots of every node that
+    changed, appeared or went, of every target whose references changed, and of every handle
+    whose registry entry changed (frames, uniques, segment ranges, roots). `slots` adds the
+    op's own arguments and poked bytes. `all_nodes` re-reads every live node (cheap through
+    the shared RAM file); otherwise only the nodes whose VA span meets a mutable cursor's
+    barrier (the only way an op writes a page table) and nodes of new trees."""
+
+    slots: frozenset[int] = frozenset()
+    all_nodes: bool = True
+    registry_prefix: bool = False
+    pt_pool: tuple[int, int] = (0, 0)  # [start, end) paddr of the page-table pool
+    cursors: tuple[int, ...] = ()  # cursor ids the op names (their trees' barrier nodes are read)
+    pages: frozenset[int] = frozenset()  # page paddrs to re-read if they are nodes (poked bytes)
+
+
+REGISTRY_MARGIN = 16  # entries past the highest live one read under `registry_prefix`
+
+
+def _node_span(path: TreePath, level: int) -> tuple[int, int]:
+    """[start, end) of the 48-bit VA range a node at `path` (a level-`level` table) covers."""
+    base = 0
+    for depth, i in enumerate(path):
+        base += i * level_size(LEVELS - depth)
+    return base, base + ENTRIES * level_size(level)
+
+
+def _handle_slots(kind: int, w: Sequence[int], slot_count: int) -> Iterable[int]:
+    if kind in (abi.REG_FRAME, abi.REG_UNIQUE, abi.REG_VM_SPACE, abi.REG_LEAKED_ROOT):
+        return (w[0] // PAGE_SIZE,) if w[0] // PAGE_SIZE < slot_count else ()
+    if kind == abi.REG_SEGMENT and w[0] <= w[1]:
+        return range(w[0] // PAGE_SIZE, min(-(-w[1] // PAGE_SIZE), slot_count))
+    return ()
+
+
+def _runs(indices: Iterable[int], gap: int = 4) -> list[tuple[int, int]]:
+    """Sorted indices as [start, end) runs, merging runs closer than `gap` (fewer reads)."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if out and i - out[-1][1] < gap:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _changed_entries(old: bytes | bytearray, new: bytes, base: int, size: int) -> list[int]:
+    """Indices (relative to `base`) of the `size`-byte records that differ between `new` and
+    `old[base*size : ...]`; compares 64-record chunks first (memcmp speed)."""
+    out: list[int] = []
+    chunk = 64 * size
+    off0 = base * size
+    for off in range(0, len(new), chunk):
+        a = old[off0 + off : off0 + off + chunk]
+        if a != new[off : off + chunk]:
+            for s in range(off, min(off + chunk, len(new)), size):
+                if a[s - off : s - off + size] != new[s : s + size]:
+                    out.append(base + s // size)
+    return out
 
 
 def read_kernel_upper(mem: PhysMemory, kernel_root: int) -> tuple[int, ...]:
@@ -646,61 +851,162 @@ def read_kernel_upper(mem: PhysMemory, kernel_root: int) -> tuple[int, ...]:
     return tuple(e & ~AD_BITS for e in struct.unpack(f"<{len(KERNEL_ROOT_ENTRIES)}Q", raw))
 
 
-def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -> State:
-    """One snapshot: metadata region and registry (one bulk read each), then every live
-    VmSpace root and every leaked root (user half).
+def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *,
+               footprint: Footprint | None = None) -> State:  # fmt: skip
+    """One snapshot: registry, every live VmSpace root and every leaked root (user half), the
+    metadata slots, the kernel root's upper half.
 
     With `prev` (normally the previous snapshot) the State records `parent=prev` and
-    `changed` = the slot indices whose Slot differs, and only slots whose raw bytes or whose
-    paths/refs changed are rebuilt (the others are prev's Slot objects). A freed slot
-    (rc UNUSED) keeps prev's ghost usage."""
+    `changed` = the slot indices whose Slot differs, and only what changed is decoded again
+    (the rest is shared with prev). A freed slot (rc UNUSED) keeps prev's ghost usage.
+    Without `footprint` every byte is read and compared (exact); with one, only what it
+    names (see `Footprint`)."""
     if layout.slot_size != 64:
         raise AbiError(f"slot size {layout.slot_size}, expected 64")
-    anomalies: list[Anomaly] = []
-    raw_meta = mem.read(layout.meta_base, layout.slot_size * layout.slot_count)
-    reg_raw = mem.read(layout.registry_base, layout.registry_entry_size * layout.registry_entries)
-    reg = decode_registry(reg_raw, base=layout.registry_base, entry_size=layout.registry_entry_size)
-    anomalies += reg.anomalies
-
-    walks: dict[tuple[str, int], TreeWalk] = {}
-    for vs, (root, _cursor) in reg.vm_spaces.items():
-        walks["vs", vs] = walk_tree(mem, root, user_half=True)
-    for vs, root in reg.leaked.items():
-        walks["leaked", vs] = walk_tree(mem, root, user_half=True)
-    acc = _Refs()
-    for w in walks.values():
-        anomalies += w.anomalies
-        _collect_refs(w, acc, layout.slot_count, anomalies)
-    refs = acc.frozen()
-
+    es = layout.registry_entry_size
+    if es != abi.REGISTRY_ENTRY_SIZE:
+        raise AbiError(f"registry entry size {es}, expected {abi.REGISTRY_ENTRY_SIZE}")
     cache = prev.raw_cache if prev is not None else None
-    incremental = (
+    usable = (
         isinstance(cache, _Cache)
+        and not cache.consumed
         and cache.meta_base == layout.meta_base
         and cache.slot_count == layout.slot_count
+        and len(cache.raw_registry) == es * layout.registry_entries
         and prev is not None
         and len(prev.slots) == layout.slot_count
     )
-    slot_anoms: dict[int, Anomaly] = {}
-    changed: set[int] | None
-    if incremental and prev is not None and isinstance(cache, _Cache):
-        rebuild = set(_changed_raw_slots(cache.raw_meta, raw_meta, layout.slot_size))
-        rebuild |= {i for i in refs.keys() | cache.refs.keys() if refs.get(i) != cache.refs.get(i)}
-        slot_anoms = {i: a for i, a in cache.slot_anomalies.items() if i not in rebuild}
-        indices: Iterable[int] = sorted(rebuild)
-        changed = set()
+    if not usable:
+        cache = None
+        footprint = None  # from scratch: read everything
     else:
-        indices = range(layout.slot_count)
-        changed = set() if prev is not None else None
+        assert isinstance(cache, _Cache)
+        cache.consumed = True
+    anomalies: list[Anomaly] = []
+
+    # registry: the changed entries, then the live ones decoded (free zero entries add nothing)
+    if cache is None:
+        raw_reg = bytearray(mem.read(layout.registry_base, es * layout.registry_entries))
+        changed_entries = [i for i in range(layout.registry_entries) if any(raw_reg[i * es : (i + 1) * es])]
+        live = set(changed_entries)
+        old_reg: bytes | bytearray = bytes(len(raw_reg))
+    else:
+        raw_reg = cache.raw_registry
+        live = cache.live_entries
+        n_read = layout.registry_entries
+        if footprint is not None and footprint.registry_prefix:
+            n_read = min(layout.registry_entries, max(live, default=0) + 1 + REGISTRY_MARGIN)
+        new = mem.read(layout.registry_base, es * n_read)
+        changed_entries = _changed_entries(raw_reg, new, 0, es)
+        old_reg = bytes(b for i in changed_entries for b in raw_reg[i * es : (i + 1) * es])
+        old_reg_at = {i: k for k, i in enumerate(changed_entries)}
+        for i in changed_entries:
+            raw_reg[i * es : (i + 1) * es] = new[i * es : (i + 1) * es]
+            if any(new[i * es : (i + 1) * es]):
+                live.add(i)
+            else:
+                live.discard(i)
+    reg = decode_registry(raw_reg, base=layout.registry_base, entry_size=es, indices=sorted(live | {0}))
+    anomalies += reg.anomalies
+
+    # page tables
+    trees_before = cache.trees if cache is not None else {}
+    roots: dict[tuple[str, int], int] = {("vs", vs): root for vs, (root, _c) in reg.vm_spaces.items()}
+    roots.update({("leaked", vs): root for vs, root in reg.leaked.items()})
+    slow_nodes = footprint is not None and not footprint.all_nodes
+    pages = footprint.pages if footprint is not None else frozenset()
+    spans: list[tuple[int, int, int]] = []  # (vs, start, end) of mutable cursors' barriers
+    if slow_nodes and prev is not None:
+        named = set(footprint.cursors) if footprint is not None else set()
+        for cur in (*prev.cursors.values(), *reg.cursors.values()):
+            if cur.mutable or cur.id in named:
+                spans.append((cur.vs, cur.start & ((1 << VA_BITS) - 1), cur.end & ((1 << VA_BITS) - 1)))
+
+    def fetcher(key: tuple[str, int]) -> Callable[[int, bool], bytes | None]:
+        if not slow_nodes or key not in trees_before or key[0] != "vs":
+            return lambda paddr, known: mem.read(paddr, PAGE_SIZE)
+        mine = [(s, e) for vs, s, e in spans if vs == key[1]]
+        old = trees_before[key].infos
+
+        def fetch(paddr: int, known: bool) -> bytes | None:
+            info = old.get(paddr)
+            if known and info is not None and paddr not in pages:
+                lo, hi = _node_span(info.node.path, info.node.level)
+                if not any(s < hi and lo < e for s, e in mine):
+                    return None
+            return mem.read(paddr, PAGE_SIZE)
+
+        return fetch
+
+    trees: dict[tuple[str, int], _Tree] = {}
+    for key, root in roots.items():
+        trees[key] = _walk_cached(mem, root, layout.slot_count, trees_before.get(key), fetcher(key))
+
+    # references: the difference of the nodes that changed
+    touched: set[int] = set()
+    node_slots: set[int] = set()
+    acc = cache.acc if cache is not None else _RefAcc()
+    for key in trees_before.keys() | trees.keys():
+        old_t, new_t = trees_before.get(key), trees.get(key)
+        old_infos = old_t.infos if old_t is not None else {}
+        new_infos = new_t.infos if new_t is not None else {}
+        for paddr, info in old_infos.items():
+            if new_infos.get(paddr) is not info:
+                acc.add(info.contrib, -1, touched)
+                node_slots.add(paddr // PAGE_SIZE)
+        for paddr, info in new_infos.items():
+            if old_infos.get(paddr) is not info:
+                acc.add(info.contrib, +1, touched)
+                node_slots.add(paddr // PAGE_SIZE)
+    for key in trees:
+        t = trees[key]
+        anomalies += t.anomalies
+        for info in t.infos.values():
+            anomalies += info.no_slot
+
+    # slots: which to read
+    if cache is None:
+        raw_meta = bytearray(mem.read(layout.meta_base, layout.slot_size * layout.slot_count))
+        rebuild: Iterable[int] = range(layout.slot_count)
+        slot_anoms: dict[int, Anomaly] = {}
+    else:
+        raw_meta = cache.raw_meta
+        if footprint is None:
+            new_meta = mem.read(layout.meta_base, layout.slot_size * layout.slot_count)
+            changed_slots = _changed_entries(raw_meta, new_meta, 0, 64)
+            for i in changed_slots:
+                raw_meta[64 * i : 64 * i + 64] = new_meta[64 * i : 64 * i + 64]
+        else:
+            want = set(footprint.slots) | touched | node_slots
+            pool_lo, pool_hi = footprint.pt_pool
+            top = max((p for t in (*trees.values(), *trees_before.values()) for p in t.infos
+                       if pool_lo <= p < pool_hi), default=pool_lo - PAGE_SIZE) + PAGE_SIZE  # fmt: skip
+            if pool_hi > pool_lo:
+                want.update(range(pool_lo // PAGE_SIZE, top // PAGE_SIZE))
+            for i in changed_entries:
+                for words in (old_reg[old_reg_at[i] * es : (old_reg_at[i] + 1) * es], raw_reg[i * es : (i + 1) * es]):
+                    kind, _ident, *w = _ENTRY.unpack(words)
+                    want.update(_handle_slots(kind, w, layout.slot_count))
+            changed_slots = []
+            for lo, hi in _runs(i for i in want if 0 <= i < layout.slot_count):
+                new_meta = mem.read(layout.meta_base + 64 * lo, 64 * (hi - lo))
+                found = _changed_entries(raw_meta, new_meta, lo, 64)
+                for i in found:
+                    raw_meta[64 * i : 64 * i + 64] = new_meta[64 * (i - lo) : 64 * (i - lo) + 64]
+                changed_slots += found
+        rebuild_set = set(changed_slots) | touched
+        rebuild = sorted(rebuild_set)
+        slot_anoms = {i: a for i, a in cache.slot_anomalies.items() if i not in rebuild_set}
+    changed: set[int] | None = set() if prev is not None else None
     slots: dict[int, Slot] = {}  # the rebuilt slots; the rest are shared with prev
     no_refs: tuple[frozenset[TreePath], int] = (frozenset(), 0)
     plain: dict[tuple[bytes, Usage], Slot] = {}  # share identical unreferenced slots
-    for i in indices:
-        raw64 = raw_meta[64 * i : 64 * i + 64]
+    for i in rebuild:
+        raw64 = bytes(raw_meta[64 * i : 64 * i + 64])
         old = prev.slot(i) if prev is not None else None
         prev_usage = old.usage if old is not None else Usage.UNUSED
-        paths, n = refs.get(i, no_refs)
-        if n == 0 and (raw64, prev_usage) in plain:
+        paths, n = acc.get(i) if i in acc.paths else no_refs
+        if n == 0 and not paths and (raw64, prev_usage) in plain:
             slot = plain[raw64, prev_usage]
         else:
             one: list[Anomaly] = []
@@ -708,7 +1014,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
                                  paddr=layout.meta_base + 64 * i)  # fmt: skip
             if one:
                 slot_anoms[i] = one[0]
-            elif n == 0:
+            elif n == 0 and not paths:
                 plain[raw64, prev_usage] = slot
         if old is not None and slot == old:
             slot = old
@@ -716,20 +1022,24 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
             changed.add(i)
         slots[i] = slot
     anomalies += [slot_anoms[i] for i in sorted(slot_anoms)]
-    if incremental and prev is not None:
+    if cache is not None and prev is not None:
         table = SlotTable.of(prev.slots, layout.slot_count).updated(
             {i: slot for i, slot in slots.items() if slot is not prev.slot(i)}
         )
     else:
         table = SlotTable.dense(slots[i] for i in range(layout.slot_count))
 
-    vm_spaces = {
-        vs: VmSpaceView(vs, root & ADDR_MASK, walks["vs", vs].nodes, cursor)
-        for vs, (root, cursor) in sorted(reg.vm_spaces.items())
-    }
-    leaked = {
-        vs: VmSpaceView(vs, root & ADDR_MASK, walks["leaked", vs].nodes) for vs, root in sorted(reg.leaked.items())
-    }
+    def view(key: tuple[str, int], vs: int, root: int, cursor: int = 0) -> VmSpaceView:
+        nodes = trees[key].nodes
+        old_t = trees_before.get(key)
+        old_view = (prev.vm_spaces if key[0] == "vs" else prev.leaked).get(vs) if prev is not None else None
+        if (old_t is not None and old_view is not None and old_t.infos.keys() == trees[key].infos.keys()
+                and all(old_t.infos[p] is i for p, i in trees[key].infos.items())):  # fmt: skip
+            nodes = old_view.nodes  # type: ignore[assignment]  # unchanged tree: share prev's dict
+        return VmSpaceView(vs, root & ADDR_MASK, nodes, cursor)
+
+    vm_spaces = {vs: view(("vs", vs), vs, root, cursor) for vs, (root, cursor) in sorted(reg.vm_spaces.items())}
+    leaked = {vs: view(("leaked", vs), vs, root) for vs, root in sorted(reg.leaked.items())}
     return State(
         slots=table,
         vm_spaces=vm_spaces,
@@ -746,7 +1056,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None) -
         parent=prev,
         changed=frozenset(changed) if changed is not None else None,
         anomalies=tuple(anomalies),
-        raw_cache=_Cache(layout.meta_base, layout.slot_count, raw_meta, refs, slot_anoms),
+        raw_cache=_Cache(layout.meta_base, layout.slot_count, raw_meta, raw_reg, live, trees, acc, slot_anoms),
     )
 
 

@@ -20,11 +20,13 @@ gone, gdb/MI driver, stop elsewhere).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hil.errors import AbiError, InfraError
 from hil.target import abi
@@ -35,6 +37,9 @@ from hil.target.memory import GdbPhysMemory, PhysMemory, SharedRamMemory
 from hil.target.stub import Stub, Target
 from model import ops as m
 from model.state import State
+
+if TYPE_CHECKING:
+    from hil.observe.snapshot import Footprint
 
 BOOT_DEADLINE_S = 20.0
 OP_DEADLINE_S = 10.0
@@ -74,6 +79,9 @@ class Session:
     seq: int = 0
     boots: int = 0
     resets: int = 0  # fast resets (no new QEMU)
+    # every Nth snapshot also reads everything and reports what the footprints missed (0: never;
+    # 1: every op, for tests)
+    full_every: int = 200
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
@@ -85,6 +93,13 @@ class Session:
         self._boot_ram: list[tuple[int, bytes]] = []  # (paddr, bytes) saved at the READY stop
         self._pt_high = 0  # end of the highest page-table-pool node seen since boot
         self._poked: list[tuple[int, int]] = []  # (paddr, size) written by poke() since the last snapshot
+        self._last_op: m.Op | None = None
+        self._force_full = False
+        self._boot_state: State | None = None  # the READY state, its snapshot cache unconsumed
+        self._fresh_reset = False
+        self._since_full = 0
+        self.full_reads = 0
+        self.unlogged = 0  # footprint misses found by full reads
 
     @property
     def stub(self) -> Stub | None:
@@ -143,6 +158,8 @@ class Session:
         return out
 
     def _save_boot_state(self) -> None:
+        self._boot_state = None
+        self._fresh_reset = False
         self._boot_regs = None
         self._boot_ram = []
         assert self.layout is not None
@@ -189,6 +206,7 @@ class Session:
         self.gdb.write_registers(self._boot_regs)
         self._pt_high = self.layout.pt_pool_start
         self._poked.clear()
+        self._fresh_reset = self._boot_state is not None
         resp = self.response()
         if resp.status != m.Status.READY:
             raise self._infra(f"after the reset the mailbox says {resp.status.name}, not READY")
@@ -198,6 +216,7 @@ class Session:
     def close(self) -> None:
         self._boot_regs = None
         self._boot_ram = []
+        self._boot_state = None
         gdb, self.gdb = self.gdb, None
         machine, self.machine = self.machine, None
         memory, self.memory = self.memory, None
@@ -278,6 +297,7 @@ class Session:
     def apply(self, op: m.Op, deadline_s: float = OP_DEADLINE_S) -> Observation:
         seq = self.seq + 1
         t0 = time.perf_counter()
+        self._last_op = op
         resp = self.send_raw(abi.encode_request(op, seq), seq, deadline_s)
         elapsed = time.perf_counter() - t0
         disasm: tuple[str, ...] = ()
@@ -288,14 +308,75 @@ class Session:
     def apply_raw(self, code: int, args: list[int]) -> abi.Response:
         """A request that need not be a valid op (the guest's validation is under test)."""
         seq = self.seq + 1
+        self._last_op = None
+        self._force_full = True  # a raw request can do anything: the next snapshot reads all
         return self.send_raw(abi.encode_raw_request(code, args, seq), seq)
 
-    def snapshot(self, prev: State | None = None) -> State:
-        from hil.observe.snapshot import read_state
+    def footprint(self) -> Footprint:
+        """What the next snapshot must read besides what it derives itself (hil.observe.snapshot
+        `Footprint`): the last op's own arguments and every poked byte."""
+        from hil.observe.snapshot import Footprint
+
+        assert self.layout is not None
+        lay = self.layout
+        slots: set[int] = set()
+        pages: set[int] = set()
+        op = self._last_op
+        if isinstance(op, (m.FrameFromUnused, m.FrameFromInUse)):
+            slots.add(op.paddr // 4096)
+        elif isinstance(op, m.SegmentFromUnused) and 0 <= op.start <= op.end <= lay.ram_size:
+            slots.update(range(op.start // 4096, -(-op.end // 4096)))
+        cursor = getattr(op, "cursor", None)
+        cursors = (cursor,) if isinstance(cursor, int) else ()
+        full_registry = False
+        meta_end = lay.meta_base + lay.slot_size * lay.slot_count
+        reg_end = lay.registry_base + lay.registry_entries * lay.registry_entry_size
+        for paddr, size in self._poked:
+            end = paddr + size
+            if paddr < meta_end and end > lay.meta_base:
+                first = (max(paddr, lay.meta_base) - lay.meta_base) // 64
+                slots.update(range(first, (min(end, meta_end) - lay.meta_base + 63) // 64))
+            if paddr < reg_end and end > lay.registry_base:
+                full_registry = True
+            pages.update(range(paddr & ~0xFFF, end, 4096))
+        return Footprint(
+            slots=frozenset(slots), all_nodes=self.shared_ram,
+            registry_prefix=not self.shared_ram and not full_registry, pt_pool=(lay.pt_pool_start, lay.pt_pool_end),
+            cursors=cursors, pages=frozenset(pages),
+        )  # fmt: skip
+
+    def snapshot(self, prev: State | None = None, *, full: bool = False) -> State:
+        """The guest's State. With `prev`, read only what the last op can have changed (its
+        footprint) and, every `full_every` snapshots (or with `full`), everything too: what the
+        footprints missed becomes an UNLOGGED anomaly and the full read is the result. Right
+        after a fast reset, the State is read against the saved boot State (exact)."""
+        from hil.observe.snapshot import compare_states, fork_state, read_state
 
         assert self.memory is not None and self.layout is not None
-        state = read_state(self.memory, self.layout, prev)
+        if prev is None and self._fresh_reset and self._boot_state is not None:
+            state = read_state(self.memory, self.layout, fork_state(self._boot_state))
+            state = dataclasses.replace(state, parent=None, changed=None)
+        elif prev is None:
+            state = read_state(self.memory, self.layout)
+            if self._boot_state is None:
+                self._boot_state = fork_state(state)
+        else:
+            self._since_full += 1
+            verify = full or self._force_full or (self.full_every > 0 and self._since_full >= self.full_every)
+            fp = self.footprint()
+            partial = read_state(self.memory, self.layout, prev, footprint=fp)
+            state = partial
+            if verify:
+                self._since_full = 0
+                self.full_reads += 1
+                whole = read_state(self.memory, self.layout, prev)  # prev's cache is spent: from scratch
+                missed = compare_states(partial, whole)
+                if missed:
+                    self.unlogged += 1
+                    state = dataclasses.replace(whole, anomalies=whole.anomalies + tuple(missed))
+        self._fresh_reset = self._force_full = False
         self._poked.clear()
+        self._last_op = None
         for view in (*state.vm_spaces.values(), *state.leaked.values()):
             self.note_nodes(view.nodes)
         return state
