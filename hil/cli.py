@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hil import argtypes
+from hil import argtypes, check
 from hil.errors import AbiError, ConfigError, HilError, InfraError
 from hil.run.baseline import Baseline
 from hil.run.runner import Runner
@@ -51,6 +51,9 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
     out.append(_table("results by status:", [(k, str(v)) for k, v in sorted(st.statuses.items())]))
     rows = [(k, c, str(v), str(st.first_seen[(k, c)])) for (k, c), v in sorted(st.findings.items())]
     out.append(_table("findings by kind and clause (count, first op):", rows))
+    roots = check.root_summary(f for r in runner.records for f in r.findings)
+    if roots:
+        out.append(_table("root findings (kind, clause, field, count, first op), consequences under them:", roots))
     if st.findings and trace_path:
         out.append(f"minimise one: hil shrink {trace_path} --clause CLAUSE\n")
         out.append(f"debug the first in gdb, stopped before its op: hil debug {trace_path}\n")

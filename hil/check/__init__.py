@@ -14,6 +14,7 @@ Kinds (ARCHITECTURE "Why it exists"):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class Finding:
     guest: Any = None
     model: Any = None
     message: str = ""
+    # op index of the earlier (root) finding that had already broken this finding's
+    # before-state at its slot: this one is a consequence of that one (Causes below)
+    caused_by: int | None = None
 
     def signature(self) -> tuple[str, str, str]:
         """What "the same finding" means for shrinking and baselines."""
@@ -70,6 +74,7 @@ class Finding:
             "kind": str(self.kind), "op_index": self.op_index, "clause": self.clause, "field": self.field,
             "slot": self.slot, "va": self.va, "vs": self.vs, "before": _jsonable(self.before),
             "guest": _jsonable(self.guest), "model": _jsonable(self.model), "message": self.message,
+            "caused_by": self.caused_by,
         }  # fmt: skip
 
     @classmethod
@@ -77,6 +82,7 @@ class Finding:
         return cls(
             Kind(d["kind"]), int(d["op_index"]), d["clause"], d["field"], d.get("slot"), d.get("va"),
             d.get("vs"), d.get("before"), d.get("guest"), d.get("model"), d.get("message", ""),
+            d.get("caused_by"),
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -89,9 +95,10 @@ class Finding:
             where.append(f"va {self.va:#x}")
         loc = ", ".join(where)
         vals = f"before={_short(self.before)} guest={_short(self.guest)} model={_short(self.model)}"
+        cause = f" (consequence of op {self.caused_by})" if self.caused_by is not None else ""
         return f"[{self.kind}] op {self.op_index} {self.clause} {self.field}" + (f" @ {loc}" if loc else "") + (
             f": {vals}" + (f" — {self.message}" if self.message else "")
-        )
+        ) + cause
 
 
 def _short(value: Any) -> str:
@@ -311,3 +318,83 @@ def alloc_from(model_before: State, guest_after: State) -> Alloc:
         raise RuntimeError("no UNUSED slot left for the model's page-table node")
 
     return alloc
+
+
+# --- root causes ------------------------------------------------------------------------------
+
+# R2 at a walked root is broken by every NewVmSpace (VS-NEW-3 takes the root's perm out of
+# `slots`) and the axioms are judged without it ("slots unchanged" over the parked domain): a
+# slot broken only that way does not make later findings there consequences.
+_NOT_BREAKING = frozenset({"S1/R2"})
+
+
+def _breaks(f: Finding) -> bool:
+    """The finding says the after-state violates an invariant at its slot."""
+    clause = f.field[4:] if f.field.startswith("inv:") else f.clause
+    return f.slot is not None and (f.kind == Kind.INVARIANT or f.field.startswith("inv:")) and (
+        clause not in _NOT_BREAKING
+    )
+
+
+class Causes:
+    """Root cause, not cascades: a finding at a slot whose before-state still violates an
+    invariant (other than R2) that an earlier op's finding introduced is a consequence of that
+    earlier (root) finding: `caused_by` = the root's op index. One per run."""
+
+    def __init__(self) -> None:
+        self.origin: dict[int, int] = {}  # slot -> op index of the root finding that broke it
+
+    def link(self, findings: list[Finding], before: State) -> list[Finding]:
+        if not findings:
+            return findings
+        out = []
+        still: dict[int, bool] = {}
+        for f in findings:
+            s = f.slot
+            cause = None
+            if s is not None and s in self.origin:
+                if s not in still:
+                    found = invariants.check_invariants(before, only={s})
+                    still[s] = any(v.clause not in _NOT_BREAKING for v in found)
+                if still[s]:
+                    cause = self.origin[s]
+            out.append(dataclasses.replace(f, caused_by=cause) if cause is not None else f)
+        for s, broken in still.items():
+            if not broken:
+                del self.origin[s]  # repaired since: a later finding there is a new root
+        for f in out:
+            if _breaks(f) and f.caused_by is None:
+                assert f.slot is not None
+                self.origin[f.slot] = f.op_index
+        return out
+
+
+def root_summary(findings: Iterable[Finding]) -> list[tuple[str, ...]]:
+    """Rows (kind, clause, field, roots, first op) per root signature, each followed by its
+    consequences' rows ("  <- kind", clause, field, count, first op). A consequence is listed
+    under the root finding at its `caused_by` op with the same slot (else that op's first)."""
+    fs = list(findings)
+    at: dict[int, list[Finding]] = {}
+    for f in fs:
+        at.setdefault(f.op_index, []).append(f)
+    roots: dict[tuple[str, str, str], list[int]] = {}
+    under: dict[tuple[str, str, str], dict[tuple[str, str, str], list[int]]] = {}
+    for f in fs:
+        if f.caused_by is None:
+            roots.setdefault(f.signature(), []).append(f.op_index)
+    for f in fs:
+        if f.caused_by is None:
+            continue
+        cands = [r for r in at.get(f.caused_by, []) if r.caused_by is None]
+        same = sorted((r for r in cands if r.slot == f.slot), key=lambda r: (not _breaks(r), r.kind != Kind.INVARIANT))
+        root = same[0] if same else cands[0] if cands else None
+        key = root.signature() if root is not None else ("?", "?", "?")
+        roots.setdefault(key, [])
+        under.setdefault(key, {}).setdefault(f.signature(), []).append(f.op_index)
+    rows: list[tuple[str, ...]] = []
+    for sig in sorted(roots):
+        ops = roots[sig]
+        rows.append((*sig, str(len(ops)), str(min(ops)) if ops else "-"))
+        for csig, cops in sorted(under.get(sig, {}).items()):
+            rows.append((f"  <- {csig[0]}", csig[1], csig[2], str(len(cops)), str(min(cops))))
+    return rows

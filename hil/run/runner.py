@@ -72,6 +72,7 @@ class Runner:
         self.state: State | None = None
         self.index = 0
         self.probes_enabled = probes and check_enabled
+        self.causes = check.Causes()  # root cause vs consequence of each finding (caused_by)
         self.probes: oracles.MmuProbes | None = None
         self.qemu_every = (QEMU_EVERY if qemu_every is None else qemu_every) if check_enabled else 0
         self.walker: oracles.Walker = oracles.our_info_tlb  # tests swap in a wrong one
@@ -167,6 +168,7 @@ class Runner:
             t4 = time.perf_counter()
             self.stats.model_s += t3 - t2
             self.stats.check_s += t4 - t3
+        findings = self.causes.link(findings, before)
         rec = Record(index, op, obs.result, findings)
         self._record(rec)  # first: the counts below never include an op the trace lacks
         self.stats.drive_s += t1 - t0
