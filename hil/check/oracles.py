@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hil.check import Finding, Kind
+from hil.check import Finding, Kind, _node_va
 from hil.observe.snapshot import (
     Outcome,
     TlbLine,
@@ -36,7 +36,7 @@ from hil.target import abi
 from hil.target.memory import PhysMemory
 from model import ops as m
 from model.state import State
-from model.types import PAGE_SIZE, USER_VA_END
+from model.types import PAGE_SIZE, USER_VA_END, page_size
 
 MARKER_BASE = 0x4D4B_0000_0000_0000  # "MK": marker = MARKER_BASE ^ paddr, at offset 0 of a data frame
 RET = 0xC3
@@ -303,3 +303,51 @@ class QemuTranslation:
         ]  # fmt: skip
         self.seconds += time.perf_counter() - t0
         return out
+
+
+# --- the flush log as data ----------------------------------------------------------------
+FLUSH_ALL_OPS_THRESHOLD = 32  # ostd/src/mm/tlb.rs: more queued ops than this -> flush all
+FLUSH_ALL_RANGE_PAGES = 32  # a range op longer than this many pages -> flush all
+
+
+def expected_flushes(op: m.Op, before: State, after: State, result: m.OpResult) -> tuple[int, ...]:
+    """The invalidations exec issues for `op` (spec §5.13, docs/semantics.md "TLB flusher"),
+    in the guest's log format: invlpg VAs in order, or (FLUSH_LOG_ALL,) for a full flush.
+    Map that replaced a leaf: its VA. Unmap: every item taken (a leaf: its page; a subtree:
+    its range), then the thresholds. Everything else: none (protect_next issues none, §5.9)."""
+    if result.status != m.Status.OK:
+        return ()
+    if isinstance(op, m.Map):
+        cur = before.cursors.get(op.cursor)
+        return (cur.va,) if cur is not None and result.get("replaced") else ()
+    if not isinstance(op, m.Unmap):
+        return ()
+    cur = before.cursors.get(op.cursor)
+    if cur is None or cur.vs not in before.vm_spaces or cur.vs not in after.vm_spaces:
+        return ()
+    old, new = before.vm_spaces[cur.vs].nodes, after.vm_spaces[cur.vs].nodes
+    taken: list[tuple[int, int]] = []  # (va, pages) of each topmost entry the op cleared
+    for paddr, node in old.items():
+        kept = new.get(paddr)
+        if kept is None or kept.path != node.path:
+            continue  # freed with its subtree: inside a taken range
+        for i, (b, a) in enumerate(zip(node.entries, kept.entries, strict=True)):
+            if b & 0x81 and not a & 0x81:  # OSTD's is_present: bit 0 or bit 7
+                va = _node_va(node.path, i) & ((1 << 48) - 1)
+                taken.append((va, page_size(node.level) // PAGE_SIZE))
+    taken.sort()
+    if len(taken) > FLUSH_ALL_OPS_THRESHOLD or any(n > FLUSH_ALL_RANGE_PAGES for _, n in taken):
+        return (abi.FLUSH_LOG_ALL,)
+    return tuple(va + k * PAGE_SIZE for va, n in taken for k in range(n))
+
+
+def flush_findings(
+    index: int, op: m.Op, before: State, after: State, result: m.OpResult, log: tuple[int, ...]
+) -> list[Finding]:
+    want = expected_flushes(op, before, after, result)[: abi.FLUSH_LOG_CAP]
+    if tuple(log) == want:
+        return []
+    return [Finding(Kind.IMPL, index, "FLUSH_LOG", "invalidations", guest=[hex(v) for v in log],
+                    model=[hex(v) for v in want],
+                    message=f"{op!r}: the TLB invalidations the guest issued differ from exec's "
+                            f"({abi.FLUSH_LOG_ALL:#x} = flush all)")]  # fmt: skip

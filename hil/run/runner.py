@@ -152,6 +152,9 @@ class Runner:
                         impl_clean=not findings, coverage=self.coverage,
                     )  # fmt: skip
                     findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
+                if obs.result.status == m.Status.OK:  # the flush log as data
+                    findings += oracles.flush_findings(index, op, before, predicted, predicted_result,
+                                                       obs.response.flush_log)  # fmt: skip
                 if plan is not None and self.probes is not None and obs.result.status == m.Status.OK:
                     findings += self.probes.check(index, plan, after)
                 if view is not None and self.qemu is not None and obs.result.status not in REBOOT_STATUSES:
