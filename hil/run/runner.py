@@ -42,6 +42,7 @@ class Stats:
     snapshot_s: float = 0.0
     model_s: float = 0.0
     check_s: float = 0.0
+    reset_s: float = 0.0  # back to a booted guest after a PANIC / EXCEPTION / infra error, snapshot included
 
     @property
     def total_ops(self) -> int:
@@ -89,9 +90,11 @@ class Runner:
         return check.snapshot_anomalies(-1, empty, self.state) + check.check_invariants(-1, self.state)
 
     def _reboot(self) -> None:
+        t0 = time.perf_counter()
         self.session.reset()
         self.stats.reboots += 1
         self.state = self.session.snapshot()
+        self.stats.reset_s += time.perf_counter() - t0
         self._attach_oracles()
 
     def _attach_oracles(self) -> None:
