@@ -558,7 +558,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
                    parse_duration(args.shrink_timeout), args.progress_interval)  # fmt: skip
     meta = {"image": str(image), "guest_build_id": build_id, "profile": args.profile, "budget_s": budget,
             "workers": args.workers, "scheduler": args.scheduler or "local", "chunk_ops": args.chunk_ops,
-            "baseline": str(baseline_path) if baseline_path else None, "legs": len(night.legs) + 1}  # fmt: skip
+            "baseline": str(baseline_path) if baseline_path else None, "legs": len(night.legs) + 1,
+            # as read at the start: the report says what it judged by, whatever the file says later
+            "baseline_signatures": sorted(group_key(k) for k in known)}  # fmt: skip
     if night.spent_s >= budget:
         print(f"nightly: the budget of {out} is spent ({night.spent_s:.0f} s of {budget:.0f} s); "
               "redoing nothing, writing the report", file=sys.stderr)  # fmt: skip
