@@ -64,6 +64,16 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
     never = cov.never_exercised()
     if never:
         out.append(f"clauses never exercised in this run: {', '.join(never)}\n")
+    out.append(_table("op outcomes reached (count; 0: not reached in this run):",
+                      [(op, row, str(n)) for op, row, n in runner.outcomes.table()]))  # fmt: skip
+    oracle = []
+    if runner.probes is not None:
+        oracle.append(f"MMU probes: {runner.probes.probes_run} after {runner.probes.ops_probed} ops")
+    if runner.qemu is not None:
+        oracle.append(f"QEMU translation: {runner.qemu.checks} checks ({runner.qemu.lines} lines, "
+                      f"every {runner.qemu.every} ops)")  # fmt: skip
+    if oracle:
+        out.append("oracles: " + "; ".join(oracle) + "\n")
     n = st.total_ops
     if n:
         per = lambda s: f"{1e6 * s / n:.0f} us"  # noqa: E731
@@ -101,7 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         header["baseline"] = str(baseline.path)
     resume_line = {"from_index": point.done, "started": now()} if point is not None else None
     writer = TraceWriter(trace_path, header, resume=resume_line)
-    runner = Runner(session, writer, stop_on_finding=args.stop_on_finding or False, baseline=baseline)
+    runner = Runner(session, writer, stop_on_finding=args.stop_on_finding or False, baseline=baseline,
+                    qemu_every=1 if args.paranoid else None)  # fmt: skip
     status = "interrupted"
     error: dict[str, str] = {}
     findings_total = 0
@@ -269,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="stop at the first finding (any, the default) or the first not in --baseline (new)")
     run.add_argument("--baseline", metavar="FILE", help="known findings: exit 0 unless a new one appears")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
+    run.add_argument("--paranoid", action="store_true",
+                     help="compare QEMU's own translation with the walker after every op (default: every 50)")
     run.add_argument("--show", choices=("new", "all", "none"), default="new",
                      help="print findings as they come: the first of each kind/clause/field (default), all, none")
     run.set_defaults(fn=cmd_run)

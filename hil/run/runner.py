@@ -16,6 +16,7 @@ from hil import check
 from hil.check import Finding, Kind, oracles
 from hil.errors import InfraError, TraceWriteError
 from hil.run.baseline import Baseline
+from hil.run.outcomes import OutcomeCoverage
 from hil.run.session import Session
 from hil.run.trace import Event, Poke, Record, TraceWriter
 from model import axioms, store
@@ -78,6 +79,7 @@ class Runner:
         self.qemu_every = (QEMU_EVERY if qemu_every is None else qemu_every) if check_enabled else 0
         self.walker: oracles.Walker = oracles.our_info_tlb  # tests swap in a wrong one
         self.qemu: oracles.QemuTranslation | None = None
+        self.outcomes = OutcomeCoverage()
 
     def start(self) -> list[Finding]:
         """Boot and check the invariants of the boot state (op index -1)."""
@@ -162,6 +164,8 @@ class Runner:
                     findings += self.probes.check(index, plan, after)
                 if view is not None and self.qemu is not None and obs.result.status not in REBOOT_STATUSES:
                     findings += self.qemu.check(index, view, after)
+                if obs.result.status not in REBOOT_STATUSES:
+                    self.outcomes.record(op, before, after, obs.result)
             except InfraError:
                 raise
             except Exception as exc:  # noqa: BLE001 - never how a run ends (see below)

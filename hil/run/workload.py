@@ -53,6 +53,8 @@ TRANSFORMS = (
     PropTransform(cache=int(CachePolicy.WRITEBACK), set_flags=int(PageFlags.AVAIL2)),
     PropTransform(clear_priv=int(PrivFlags.USER)),
     PropTransform(cache=KEEP_CACHE),
+    PropTransform(clear_flags=int(PageFlags.X)),  # sets NX
+    PropTransform(set_priv=int(PrivFlags.USER), set_flags=int(PageFlags.W | PageFlags.X)),
 )
 
 
@@ -138,6 +140,10 @@ class Workload:
             planned = self._subtree_unmap(state, self._choice(mut))
             if planned:
                 return planned
+        if cursors and w < 0.46:
+            planned = self._aimed_nav(state, cursors, mut)
+            if planned:
+                return planned
         if len(mut) > 1 and w < 0.47:
             planned = self._share(state, mut)
             if planned:
@@ -199,6 +205,34 @@ class Workload:
             m.Jump(cursor=c, va=start), m.Unmap(cursor=c, len=size)
         ]
         return self.plan.pop(0)
+
+    def _aimed_nav(self, state: State, cursors: list[int], mut: list[int]) -> m.Op | None:
+        """find_next / protect_next over a few pages whose first mapped page is the last one
+        (where an off-by-one at the range's end hides), or re-map the frame a VA maps already
+        (query clones it, then map the clone at the same VA)."""
+        c = self._choice(cursors)
+        cur = state.cursors[c]
+        view = state.vm_spaces.get(cur.vs)
+        if view is None:
+            return None
+        mapped = sorted(va for va in view.mappings() if cur.start <= va < cur.end)
+        if not mapped:
+            return None
+        va = self._choice(mapped)
+        k = 0
+        while k < 3 and va - (k + 1) * PAGE_SIZE >= cur.start and va - (k + 1) * PAGE_SIZE not in mapped:
+            k += 1
+        start, length = va - k * PAGE_SIZE, (k + 1) * PAGE_SIZE
+        r = self.rng.random()
+        if c in mut and r < 0.3:
+            fid = state.next_ids.get("frame", 1)  # the clone's id: ids are counters
+            self.plan = [m.Query(cursor=c), m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[1])]
+        elif c in mut and r < 0.75:
+            transform = TRANSFORMS[self.rng.randrange(len(TRANSFORMS))]
+            self.plan = [m.ProtectNext(cursor=c, len=length, transform=transform)]
+        else:
+            self.plan = [m.FindNext(cursor=c, len=length)]
+        return m.Jump(cursor=c, va=va if r < 0.3 else start)
 
     def _share(self, state: State, mut: list[int]) -> m.Op | None:
         """Map a frame that one VmSpace maps at VA X into another VmSpace at X too: the same

@@ -81,3 +81,19 @@ def test_props_are_ones_exec_accepts() -> None:
     assert all(isinstance(p, PageProperty) and p.inv() and p.flags & 1 for p in PROPS)
     assert all(t.valid() for t in TRANSFORMS)
     assert {p.cache for p in PROPS} >= {CachePolicy.WRITEBACK, CachePolicy.WRITETHROUGH, CachePolicy.UNCACHEABLE}
+
+
+def test_default_workload_reaches_every_outcome_row_within_3000_ops() -> None:
+    from hil.run.outcomes import OutcomeCoverage
+
+    for seed in (1, 2, 3):
+        state = store.initial_state(registry_capacity=2048)
+        lay = _layout(state)
+        wl = Workload(seed, lay, WorkloadConfig())
+        cov = OutcomeCoverage()
+        for _ in range(3000):
+            op = wl(state)
+            res, after = store.apply(state, op, store.PoolAllocator(lay.pt_pool_start, lay.pt_pool_end, state))
+            cov.record(op, state, after, res)
+            state = store.initial_state(registry_capacity=2048) if res.status == m.Status.PANIC else after
+        assert not cov.missing(), (seed, cov.missing())
