@@ -308,10 +308,10 @@ def _root_indices(level: int, user_half: bool) -> Iterable[int]:
     return USER_ROOT_ENTRIES if level == LEVELS and user_half else range(ENTRIES)
 
 
-def walk_tree(mem: PhysMemory, root: int, *, user_half: bool = True) -> TreeWalk:
-    """Read every page-table node reachable from `root`. `user_half` follows only root entries
-    0..255 (OSTD user page tables; the kernel half is shared kernel tables). Nodes are read
-    once each (one 4 KiB read per node); anomalies are collected, never dropped."""
+def walk_tree(mem: PhysMemory, root: int, *, user_half: bool = False) -> TreeWalk:
+    """Read every page-table node reachable from `root`, both halves (an image's kernel table).
+    `user_half` follows only root entries 0..255: say so by calling `walk_user_half`. Nodes
+    are read once each (one 4 KiB read per node); anomalies are collected, never dropped."""
     root &= ADDR_MASK
     out = TreeWalk(root, user_half)
     seen: dict[int, TreePath] = {}
@@ -397,10 +397,17 @@ def _tree_leaves(walk: TreeWalk, sink: list[Anomaly]) -> list[Leaf]:
     return leaves
 
 
+def walk_user_half(mem: PhysMemory, root: int) -> TreeWalk:
+    """`walk_tree` over root entries 0..255 only: an OSTD user page table (its kernel half is
+    the kernel's shared tables, walked once from the kernel root)."""
+    return walk_tree(mem, root, user_half=True)
+
+
 def leaf_mappings(
-    mem: PhysMemory, root: int, *, user_half: bool = True, anomalies: list[Anomaly] | None = None
+    mem: PhysMemory, root: int, *, user_half: bool = False, anomalies: list[Anomaly] | None = None
 ) -> list[Leaf]:
-    """Every page the MMU translates under `root`, in VA order (lower half first).
+    """Every page the MMU translates under `root`, in VA order (lower half first); both halves
+    unless `user_half` (`user_leaf_mappings`).
 
     Anomalies (subtrees that could not be read, reserved-bit leaves left out) are appended to
     `anomalies`; without a list they raise WalkError."""
@@ -411,10 +418,20 @@ def leaf_mappings(
     return leaves
 
 
-def ostd_leaves(nodes: Mapping[int, PageTableNode], root: int, *, user_half: bool = True) -> list[Mapping_]:
-    """Every leaf in OSTD's terms (see the module doc) of a walked tree (`TreeWalk.nodes`),
-    in VA order: a leaf with R cleared (bit 0 clear, bit 7 set) is included here although the
-    MMU does not translate it. `pte` is the A/D-masked entry."""
+def user_leaf_mappings(mem: PhysMemory, root: int, *, anomalies: list[Anomaly] | None = None) -> list[Leaf]:
+    """`leaf_mappings` of the user half (root entries 0..255) only."""
+    return leaf_mappings(mem, root, user_half=True, anomalies=anomalies)
+
+
+def ostd_user_leaves(nodes: Mapping[int, PageTableNode], root: int) -> list[Mapping_]:
+    """`ostd_leaves` of the user half (root entries 0..255) only."""
+    return ostd_leaves(nodes, root, user_half=True)
+
+
+def ostd_leaves(nodes: Mapping[int, PageTableNode], root: int, *, user_half: bool = False) -> list[Mapping_]:
+    """Every leaf in OSTD's terms (see the module doc) of a walked tree (`TreeWalk.nodes`), both
+    halves unless `user_half` (`ostd_user_leaves`), in VA order: a leaf with R cleared (bit 0
+    clear, bit 7 set) is included here although the MMU does not translate it. `pte` is the A/D-masked entry."""
     out: list[Mapping_] = []
     top = nodes.get(root & ADDR_MASK)
     if top is None:

@@ -28,7 +28,7 @@ def _state_bytes(s: Session) -> dict[str, bytes]:
         "meta": s.memory.read(lay.meta_base, lay.slot_count * lay.slot_size),
         "registry": s.memory.read(lay.registry_base, lay.registry_entries * lay.registry_entry_size),
     }
-    for paddr in sorted(walk_tree(s.memory, lay.kernel_root, user_half=False).nodes):
+    for paddr in sorted(walk_tree(s.memory, lay.kernel_root).nodes):
         out[f"pt@{paddr:#x}"] = s.memory.read(paddr, 4096)
     return out
 
@@ -90,7 +90,7 @@ def test_shared_ram_and_gdb_physical_reads_agree(session: Session) -> None:
     gdb_mem = GdbPhysMemory(session.gdb, lay.ram_size)
     try:
         regions = [(lay.meta_base, lay.slot_count * 64), (lay.registry_base, 4096), (lay.mailbox, 4096)]
-        regions += [(p, 4096) for p in sorted(walk_tree(session.memory, lay.kernel_root, user_half=False).nodes)[:40]]
+        regions += [(p, 4096) for p in sorted(walk_tree(session.memory, lay.kernel_root).nodes)[:40]]
         for paddr, size in regions:
             assert gdb_mem.read(paddr, size) == session.memory.read(paddr, size), f"{paddr:#x}+{size:#x}"
     finally:

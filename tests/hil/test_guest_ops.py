@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from hil.observe.snapshot import walk_tree
+from hil.observe.snapshot import walk_user_half
 from hil.run.session import Session
 from model import ops as m
 from model.state import State
@@ -414,7 +414,7 @@ def test_dropped_vm_space_frees_its_tree_and_releases_each_pte(fresh: Session) -
     ok(s, m.DropCursor(cursor=c))
     ok(s, m.Activate(vs=vs))  # dropping the active VmSpace must leave CR3 on a live root
     before = s.snapshot()
-    nodes = sorted(walk_tree(s.memory, before.vm_spaces[vs].root, user_half=True).nodes)  # type: ignore[arg-type]
+    nodes = sorted(walk_user_half(s.memory, before.vm_spaces[vs].root).nodes)  # type: ignore[arg-type]
     assert len(nodes) == 6  # root, L3, two L2 and two L1 nodes
     assert (raw_rc(s, p0), raw_rc(s, p1)) == (2, 2)
     ok(s, m.DropVmSpace(vs=vs))

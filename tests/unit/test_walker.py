@@ -28,7 +28,9 @@ from hil.observe.snapshot import (
     render_info_mem,
     render_info_tlb,
     translate,
+    user_leaf_mappings,
     walk_tree,
+    walk_user_half,
 )
 from hil.target.memory import DictMemory, PhysReadError
 from model.state import VmSpaceView
@@ -193,9 +195,9 @@ def test_canonical_edges(mem: DictMemory) -> None:
         translate(mem, ROOT, 0x0000_8000_0000_0000)
     with pytest.raises(NonCanonicalAddress):
         translate(mem, ROOT, 0xFFFF_7FFF_FFFF_F000)
-    user = leaf_mappings(mem, ROOT)
+    user = user_leaf_mappings(mem, ROOT)
     assert [lf.va for lf in user] == [0x7FFF_FFFF_F000]
-    both = leaf_mappings(mem, ROOT, user_half=False)
+    both = leaf_mappings(mem, ROOT)  # both halves unless the name says user
     assert [(lf.va, lf.pa, lf.size) for lf in both] == [
         (0x7FFF_FFFF_F000, 0xA000, 4096),
         (0xFFFF_8000_0000_0000, 0x20_0000, 2 << 20),
@@ -220,8 +222,8 @@ def test_walk_tree_nodes_paths_and_ad_masking(mem: DictMemory) -> None:
     put(mem, L3, 2, L2 | TABLE | A)
     put(mem, L2, 3, L1 | TABLE)
     put(mem, L1, 4, 0x9000 | P | RW | US | B7 | A | D)
-    put(mem, ROOT, 300, 0x7000 | TABLE)  # kernel half: not followed with user_half
-    w = walk_tree(mem, ROOT)
+    put(mem, ROOT, 300, 0x7000 | TABLE)  # kernel half: not followed by walk_user_half
+    w = walk_user_half(mem, ROOT)
     assert w.anomalies == []
     assert {p: (n.level, n.path) for p, n in w.nodes.items()} == {
         ROOT: (4, ()), L3: (3, (1,)), L2: (2, (1, 2)), L1: (1, (1, 2, 3)),
@@ -230,9 +232,9 @@ def test_walk_tree_nodes_paths_and_ad_masking(mem: DictMemory) -> None:
     assert w.nodes[L1].entries[4] == 0x9000 | P | RW | US | B7
     assert w.nodes[ROOT].entries[300] == 0x7000 | TABLE  # present in the root's entries
     assert w.raw_entries[L1][4] & (A | D) == A | D
-    (leaf,) = leaf_mappings(mem, ROOT)
+    (leaf,) = user_leaf_mappings(mem, ROOT)
     assert leaf.pte.a and leaf.pte.d  # the MMU view keeps the raw bits
-    full = walk_tree(mem, ROOT, user_half=False)
+    full = walk_tree(mem, ROOT)  # both halves by default
     assert 0x7000 in full.nodes and full.nodes[0x7000].path == (300,)
 
 
