@@ -45,6 +45,7 @@ BOOT_DEADLINE_S = 20.0
 OP_DEADLINE_S = 10.0
 KERNEL_LOAD_PADDR = 0x100000  # guest/linker.ld: the image (boot tables, .data, .bss) starts here
 DRIVERS = ("stub", "gdb")
+PT_POOL_MARGIN = 64 * 4096  # restored past the highest page-table node seen (see reset)
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,7 @@ class Session:
         assert self.layout is not None
         lay = self.layout
         out = [(KERNEL_LOAD_PADDR, lay.pt_pool_start)]
-        if self._pt_high > lay.pt_pool_start:
-            out.append((lay.pt_pool_start, min(self._pt_high, lay.pt_pool_end)))
+        out.append((lay.pt_pool_start, min(max(self._pt_high, lay.pt_pool_start) + PT_POOL_MARGIN, lay.pt_pool_end)))
         return out
 
     def _save_boot_state(self) -> None:
@@ -196,7 +196,8 @@ class Session:
             return
         assert isinstance(self.gdb, Stub) and isinstance(self.memory, SharedRamMemory)
         assert self._boot_regs is not None and self.layout is not None
-        high = self._pt_high
+        # nodes allocated and freed inside one op are never seen by a snapshot: a margin
+        high = max(self._pt_high, self.layout.pt_pool_start) + PT_POOL_MARGIN
         for start, data in self._boot_ram:
             end = start + len(data)
             if start >= self.layout.pt_pool_start:
