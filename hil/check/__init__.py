@@ -190,8 +190,21 @@ def _diff_maps(index: int, clause: str, guest: Any, model: Any) -> list[Finding]
         return []
     out = []
     for key in sorted(set(guest) | set(model)):
-        if guest.get(key) != model.get(key):
-            out.append(Finding(Kind.IMPL, index, clause, f"{key}", guest=guest.get(key), model=model.get(key)))
+        g, mv = guest.get(key), model.get(key)
+        if g == mv:
+            continue
+        if clause == "NEXT_ID":  # keyed by handle kind already
+            out.append(Finding(Kind.IMPL, index, clause, f"{key}", guest=g, model=mv))
+            continue
+        # the field names what differs, never the id: ids are renumbered by shrinking, and a
+        # finding's signature (kind, clause, field) must survive that
+        if g is None or mv is None:
+            what = "present"
+        elif dataclasses.is_dataclass(g) and dataclasses.is_dataclass(mv):
+            what = ",".join(f.name for f in dataclasses.fields(g) if getattr(g, f.name) != getattr(mv, f.name))
+        else:
+            what = "value"
+        out.append(Finding(Kind.IMPL, index, clause, what, guest=g, model=mv, message=f"id {key}"))
     return out
 
 
