@@ -109,7 +109,8 @@ def cmd_debug(args: argparse.Namespace) -> int:
     index = core.select_index(trace, args.at, args.finding, name)
     batch = split_batch(args.batch) if args.batch is not None else None
     image = Path(args.image or trace.header.get("image") or DEFAULT_IMAGE)
-    profile = Profile.load(args.profile or trace.header.get("profile", "default"))
+    profile_arg = args.profile or trace.header.get("profile", "default")
+    profile = Profile.load(profile_arg)
     session = Session(image=image, profile=profile)
     recorded_build = trace.header.get("guest_build_id")
     if recorded_build not in (None, session.elf.build_id):
@@ -145,13 +146,22 @@ def cmd_debug(args: argparse.Namespace) -> int:
         probes = core.PlannedProbes(oracles.MmuProbes(memory, layout))
         if runner.probes is not None:
             probes.arm(runner.state, op)
+        view = core.PlannedView(runner.qemu) if runner.qemu is not None else None
+        if view is not None:
+            view.arm(index, runner.state, op)
         req = abi.encode_request(op, seq)
         memory.write(layout.mailbox + 8, req[8:])
         memory.write(layout.mailbox, req[:8])  # seq last: the guest never sees a torn request
         pickle_path = machine.run_dir / "debug-state.pickle"
         with open(pickle_path, "wb") as fh:
             saved = {"before": dataclasses.replace(runner.state, parent=None), "records": runner.records,
-                     "probe_plan": probes.pending, "probes": runner.probes is not None}  # fmt: skip
+                     "probe_plan": probes.pending, "probes": runner.probes is not None, "qemu": None}  # fmt: skip
+            if view is not None:
+                # the QEMU oracle goes on in step with the run: its sampling state, and the HMP
+                # monitor of this machine (found again by its tag)
+                q = view.real
+                saved["qemu"] = {"every": q.every, "rng": q.rng.getstate(), "checks": q.checks, "pending": view.pending,
+                                 "tag": machine.tag, "profile": profile_arg}  # fmt: skip
             pickle.dump(saved, fh)
         ctx = core.Context(
             trace=str(trace_path.resolve()), index=index, seq=seq, image=str(image.resolve()),

@@ -384,6 +384,25 @@ class PlannedProbes:
         return self.real.check(index, plan, after)
 
 
+class PlannedView:
+    """The same for the sampled QEMU-translation oracle: the root QEMU is to view after the op
+    goes into the mailbox with the request."""
+
+    def __init__(self, qemu: oracles.QemuTranslation, pending: int | None = None):
+        self.real = qemu
+        self.pending = pending
+
+    def arm(self, index: int, before: State, op: m.Op) -> None:
+        self.pending = self.real.plan(index, before, op)
+
+    def plan(self, index: int, before: State, op: m.Op) -> int | None:
+        root, self.pending = self.pending, None
+        return root
+
+    def check(self, index: int, root: int, after: State) -> list[Finding]:
+        return self.real.check(index, root, after)
+
+
 # --- the session's context, handed from `hil debug` to the gdb script ---------------------------------
 
 

@@ -23,11 +23,12 @@ import gdb  # gdb's embedded Python provides it
 from hil.check import oracles
 from hil.errors import HilError
 from hil.observe.snapshot import read_state
-from hil.run.runner import Runner
+from hil.run.runner import REBOOT_STATUSES, Runner
 from hil.run.session import Observation, Session
 from hil.run.trace import Poke, read_trace
 from hil.target import abi
 from hil.target.elf import GuestElf
+from hil.target.machine import Machine, Profile
 from hil.target.memory import SharedRamMemory
 from hil.workflows import debug_core as core
 from model import ops as m
@@ -118,6 +119,15 @@ class Debugger:
         if saved["probes"]:
             self.probes = core.PlannedProbes(oracles.MmuProbes(self.mem, self.layout), saved["probe_plan"])
             self.runner.probes = cast(oracles.MmuProbes, self.probes)
+        self.view: core.PlannedView | None = None
+        q = saved.get("qemu")
+        if q is not None:
+            machine = Machine(Profile.load(q["profile"]), Path(ctx.image), tag=q["tag"])  # never started: its HMP
+            real = oracles.QemuTranslation(self.mem, self.layout, machine.hmp, every=q["every"])
+            real.rng.setstate(q["rng"])
+            real.checks = q["checks"]
+            self.view = core.PlannedView(real, q["pending"])
+            self.runner.qemu = cast(oracles.QemuTranslation, self.view)
         self.runner.state = saved["before"]
         self.runner.records = list(saved["records"])
         self.runner.index = ctx.index
@@ -258,10 +268,20 @@ class Debugger:
             return
         event = self.trace.records[self.index].event
         recorded = self.trace.records[self.index]
+        probes_run = self.probes.real.probes_run if self.probes is not None else 0
+        qemu_lines = self.view.real.lines if self.view is not None else 0
+        qemu_checks = self.view.real.checks if self.view is not None else 0
         rec = self.runner.step(event)
         res = f" -> {rec.result!r}" if rec.result is not None else ""
         print(f"op {rec.index} {rec.event!r}{res}")
         print(core.format_findings(rec.findings, "no findings"))
+        checked = "checked: model, spec clauses, invariants"
+        if self.probes is not None and self.probes.real.probes_run > probes_run:
+            checked += f", {self.probes.real.probes_run - probes_run} MMU probes"
+        if self.view is not None and self.view.real.checks > qemu_checks:
+            checked += f", QEMU's info tlb ({self.view.real.lines - qemu_lines} lines)"
+        if rec.result is not None and rec.result.status not in REBOOT_STATUSES:
+            print(checked)
         diff = core.recorded_difference(recorded, rec)
         if diff is not None:
             print(f"differs from the trace: {diff}")
@@ -281,6 +301,8 @@ class Debugger:
         self.seq += 1
         if self.probes is not None:
             self.probes.arm(self.before, self.op())
+        if self.view is not None:
+            self.view.arm(self.index, self.before, self.op())
         self.write_request()
         chain = self.enter_op()
         print(f"stopped before op {self.index} {self.op()!r} in {chain}")

@@ -19,17 +19,19 @@ import pytest
 
 from hil.errors import timeout_scale
 from hil.observe.snapshot import translate
-from hil.run.runner import Runner
+from hil.run.runner import QEMU_EVERY, Runner
 from hil.run.session import Session
 from hil.run.trace import TraceWriter, read_trace
 from hil.target.machine import DEFAULT_IMAGE, leftover_files, leftover_gdbs, leftover_processes
 from model import ops as m
 from model.store import apply
+from model.types import PageProperty
 
 REPO = Path(__file__).resolve().parents[2]
 HIL = str(Path(sys.executable).with_name("hil"))
 MAP2 = REPO / "tests" / "data" / "findings" / "spec-MAP-2.jsonl"
 PROMPT = "(gdb) "
+DATA = 0x75B000  # a free data frame at boot (the one spec-MAP-2.jsonl maps)
 RUN_TAG = os.environ["HIL_RUN_TAG"]  # set by tests/conftest.py for the whole session
 
 
@@ -232,6 +234,24 @@ def test_batch_steps_through_several_ops() -> None:
     assert f"stopped before op 6 {events[6]!r} in dispatch -> op_frame\n#0  op_frame (" in text
     assert f"stopped before op 7 {events[7]!r} in dispatch -> op_cursor -> op_map\n#0  op_map (" in text
     assert "end of the trace" in text
+
+
+def test_hil_step_runs_the_sampled_qemu_oracle_and_the_mmu_probes(tmp_path: Path) -> None:
+    path = tmp_path / "sampled.jsonl"
+    prop = PageProperty()
+    # op 50 is one the Runner samples for QEMU's own translation (QEMU_EVERY); op 51 is probed
+    events: list[m.Op] = [m.NewVmSpace(), m.OpenCursorMut(1, 0, 1 << 30), m.FrameFromUnused(DATA)]
+    events += [m.Nop(i) for i in range(3, 50)] + [m.Nop(50), m.Map(1, 1, prop)]
+    _record(path, events)
+    assert QEMU_EVERY == 50
+    out = _hil_debug(str(path), "--at", "50", "--batch", "hil-step; hil-step")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert re.search(r"op 50 Nop\(value=0x32\) -> OpResult\.ok\(value=0x32\)\nno findings\n"
+                     r"checked: model, spec clauses, invariants, QEMU's info tlb \(\d+ lines\)\n", text), text
+    assert re.search(r"op 51 Map\(.*\) -> OpResult\.ok\(.*\)\n(.*\n)*checked: model, spec clauses, invariants, "
+                     r"\d+ MMU probes\n", text), text
+    assert "differs from the trace" not in text
 
 
 def test_from_the_run_summary_to_gdb_in_one_command(tmp_path: Path) -> None:
