@@ -49,6 +49,7 @@ class ChunkSpec:
     attempt: int = 1
     work_dir: str = ""  # where the live trace is written ("" = a private temp dir)
     error_rate: float = 0.04
+    build_id: str = ""  # the night's guest build: a worker whose image differs refuses the chunk
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,14 +233,12 @@ def run_chunk(
         status = "interrupted"
     elif rc == 2 or end.get("status") == "infra-error":
         status = "infra-error"
-        error = str(end.get("error") or log_tail.strip().splitlines()[-1:] or "infrastructure error")
+        error = str(end.get("error") or (log_tail.strip().splitlines() or ["infrastructure error"])[-1])
     else:
         status = "crashed"
         error = f"the chunk process ended with status {rc}: {log_tail.strip()[-500:]}"
     if status == "infra-error" and not error:
         error = "infrastructure error"
-    if isinstance(error, list):
-        error = "\n".join(error)
     return ChunkResult(
         chunk_id=spec.chunk_id, seed=spec.seed, ops_requested=spec.ops, attempt=spec.attempt, status=status,
         error=error if status != "complete" else "", worker=worker, started=started, finished=time.time(),
@@ -329,6 +328,11 @@ def _child(spec: ChunkSpec, trace_path: Path) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
     session = Session(image=Path(spec.image), profile=Profile.load(spec.profile))
+    if spec.build_id and session.elf.build_id != spec.build_id:
+        # one night, one build: never mix two guests' findings (a rebuilt image, another worker's copy)
+        print(f"chunk: {spec.image} on {socket.gethostname()} is guest build {session.elf.build_id}, "
+              f"the night runs build {spec.build_id}", file=sys.stderr)  # fmt: skip
+        return 2
     header = {
         "guest_build_id": session.elf.build_id, "image": spec.image, "profile": spec.profile, "seed": spec.seed,
         "ops": spec.ops, "chunk": spec.chunk_id, "attempt": spec.attempt, "versions": versions(), "started": now(),

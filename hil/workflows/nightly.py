@@ -425,7 +425,7 @@ class Coordinator:
     def _spec(self, cid: str, seed: int, deadline: float, attempt: int) -> ChunkSpec:
         opts = self.opts
         return ChunkSpec(chunk_id=cid, seed=seed, ops=opts.chunk_ops, image=str(opts.image), profile=opts.profile,
-                         deadline=deadline, attempt=attempt,
+                         deadline=deadline, attempt=attempt, build_id=str(self.meta["guest_build_id"]),
                          work_dir="" if opts.scheduler else str(self.night.out / "work"))  # fmt: skip
 
     def _chunk_outcome(self, fut: Any, spec: ChunkSpec) -> ChunkResult:
