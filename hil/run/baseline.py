@@ -176,7 +176,9 @@ class Baseline:
     def compare(self, findings: Iterable[Finding], *, report_fixed: bool = True) -> Verdict:
         """Sort a run's findings into new / known / consequences. A SPEC or INVARIANT finding
         whose clause fails at the same op under a known signature is another facet of that one
-        violation (e.g. U-NEW names the slot and the `uniques` map in one op): known."""
+        violation (e.g. U-NEW names the slot and the `uniques` map in one op): known. A finding
+        with `caused_by`, and a SPEC `inv:X` finding beside the INVARIANT X finding of the same
+        op, are consequences: never new by themselves."""
         verdict = Verdict()
         by_op: dict[int, list[Finding]] = {}
         for f in findings:
@@ -184,12 +186,17 @@ class Baseline:
         seen: set[Signature] = set()
         for op_findings in by_op.values():
             known_here = {(f.kind, f.clause): signature(f) for f in op_findings if signature(f) in self.entries}
+            invariants_here = {f.clause for f in op_findings if f.kind == Kind.INVARIANT}
             for f in op_findings:
                 sig = signature(f)
                 if sig in self.entries:
                     verdict.known[sig] += 1
                     seen.add(sig)
                 elif caused_by(f) is not None:
+                    verdict.consequences += 1
+                elif f.kind == Kind.SPEC and f.field.startswith("inv:") and f.field[4:] in invariants_here:
+                    # the axiom's A.inv conjunct fails because invariant X broke at this very op:
+                    # the INVARIANT X finding beside it is the root cause, judged on its own
                     verdict.consequences += 1
                 elif str(f.kind) in SPEC_LIKE and (f.kind, f.clause) in known_here:
                     verdict.known[known_here[(f.kind, f.clause)]] += 1

@@ -198,6 +198,7 @@ class CaseResult:
     infra: str | None = None
     shrunk: dict[Signature, tuple[Path | None, str]] = field(default_factory=dict)  # sig -> (min trace, note)
     fixed_note: str = ""  # a replayed baseline trace no longer shows its finding
+    skipped: str = ""  # a baseline entry whose minimal trace is missing
     expected: Signature | None = None  # for a replayed baseline trace
 
     @property
@@ -278,11 +279,16 @@ class Matrix:
         d = self.out / job.dirname / "scenarios"
         logf = self.out / job.dirname / "scenarios.log"
         replays = []
+        missing: list[CaseResult] = []
         if self.cfg.replay_baseline:
             for key, entry in sorted(self.baseline.entries.items()):
                 path = self.baseline.trace_path(entry)
                 if path.is_file():
                     replays.append((key, path))
+                else:
+                    case = CaseResult(f"known {' '.join(key)}", job.image, job.profile)
+                    case.skipped = f"its minimal trace {path} is missing: update the baseline (hil baseline update)"
+                    missing.append(case)
         argv = _py("hil.workflows.scenarios", "--image", str(job.image.path), "--profile", job.profile,
                    "--out", str(d), "--only", *self.cfg.scenarios)  # fmt: skip
         if replays:
@@ -313,7 +319,7 @@ class Matrix:
                 entry = self.baseline.entries[expected]
                 case.fixed_note = (f"fixed? {' '.join(expected)}: its minimal trace {entry.trace} no longer "
                                    "shows it on this image/profile: remove the entry (hil baseline update)")
-        return cases
+        return cases + missing
 
     def _shrink(self, job: Job, case: CaseResult) -> None:
         assert case.verdict is not None and case.trace is not None
@@ -422,6 +428,8 @@ def case_to_junit(c: CaseResult) -> junit.Case:
         jc.error = ("infrastructure error (not a finding)", c.infra)
     if c.fixed_note:
         out.append(c.fixed_note)
+    if c.skipped:
+        jc.skipped = c.skipped
     jc.stdout = "\n".join(out)
     return jc
 
@@ -500,7 +508,7 @@ def cmd_ci(args: argparse.Namespace) -> int:
         cfg.images = [Image(Path(p).parent.name or Path(p).stem, Path(p).resolve()) for p in args.image]
     if args.profile:
         cfg.profiles = args.profile
-    if args.seeds:
+    if args.seeds is not None:
         cfg.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.ops is not None:
         cfg.ops = args.ops

@@ -55,7 +55,8 @@ def test_ci_passes_on_the_current_guest_and_fails_on_a_seeded_bug(tmp_path: Path
     assert sum(1 for n in names if n and n.startswith("known ")) == len(Baseline.load(SHIPPED_BASELINE).entries)
     assert not [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
     # the known findings were met and judged known (read back from the guest, not assumed)
-    assert any("known findings: SPEC VS-NEW-1 inv" in (c.findtext("system-out") or "") for c in cases)
+    outs = [c.findtext("system-out") or "" for c in cases if c.get("name") == "scenario vm_space"]
+    assert outs and "known findings: " in outs[0] and "SPEC VS-NEW-1 inv 2x" in outs[0], outs
 
     bad, bad_xml = ci(tmp_path, "bug3", "--image", str(build_seeded(tmp_path, 3)), "--scenarios", "map",
                       "--max-shrinks", "1")  # fmt: skip
@@ -89,7 +90,7 @@ def test_a_known_finding_no_longer_seen_is_reported_fixed(tmp_path: Path) -> Non
         {"kind": "INVARIANT", "clause": "S1/R2", "field": "slots", "trace": "findings/spec-MAP-2.jsonl", "reason": "z"},
     ]}))  # fmt: skip
     res, xml = ci(tmp_path, "fixed", "--image", str(DEFAULT_IMAGE), "--baseline", str(tmp_path / "b.json"),
-                  "--scenarios", "vm_space", "--seeds", "")  # fmt: skip
+                  "--scenarios", "frame", "--seeds", "")  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert "fixed? SPEC MAP-2 slot" in res.stdout
     outs = {c.get("name"): c.findtext("system-out") or "" for c in junit_cases(xml)}
@@ -144,3 +145,30 @@ def test_pytest_plugin_in_a_throwaway_project(pytester: pytest.Pytester) -> None
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", timeout=120)
     assert result.parseoutcomes().get("skipped", 0) >= 10
     result.stdout.fnmatch_lines(["*--hil-image=ELF*"])
+
+
+def test_an_image_without_an_abi_symbol_or_of_another_abi_version_is_one_line_naming_it(tmp_path: Path) -> None:
+    import shutil
+    import struct
+
+    from hil.errors import AbiError
+    from hil.run.session import Session
+    from hil.target import abi
+
+    stripped = tmp_path / "kernel.elf"
+    subprocess.run(["objcopy", "--strip-symbol=hil_op_done", str(DEFAULT_IMAGE), str(stripped)], check=True)
+    shutil.copy(DEFAULT_IMAGE.with_suffix(".bin"), tmp_path / "kernel.bin")
+    res = hil("run", "--ops", "1", "--image", str(stripped), "--trace", str(tmp_path / "t.jsonl"))
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "hil_op_done" in res.stderr, res.stderr
+    # another ABI version in the guest's layout block: refused, naming both versions
+    s = Session()
+    s.boot()
+    try:
+        assert s.memory is not None
+        s.memory.write(s._layout_paddr + 8, struct.pack("<Q", abi.ABI_VERSION + 1))
+        want = f"guest ABI version {abi.ABI_VERSION + 1}, harness speaks {abi.ABI_VERSION}"
+        with pytest.raises(AbiError, match=want):
+            s._read_layout()
+    finally:
+        s.close()

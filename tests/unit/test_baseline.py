@@ -157,3 +157,14 @@ def test_shipped_baseline_is_complete_and_explained() -> None:
     for e in b.entries.values():
         assert e.kind in ("SPEC", "INVARIANT"), f"{e.describe()}: a bug (IMPL/TLB/WALKER) is never accepted"
         assert b.trace_path(e).is_file(), f"{e.describe()}: minimal trace {e.trace} missing (hil baseline update)"
+
+
+def test_an_axioms_inv_conjunct_beside_its_invariant_finding_is_a_consequence() -> None:
+    b = baseline(("INVARIANT", "A3", "slot"))
+    v = b.compare([spec(7, "MAP-1", "inv:A3"), spec(7, "A3", "rc", Kind.INVARIANT)])
+    assert v.passed and v.consequences == 1 and v.known[("INVARIANT", "A3", "slot")] == 1
+    # the invariant itself new: the inv conjunct does not hide it
+    v = baseline().compare([spec(7, "MAP-1", "inv:A3"), spec(7, "A3", "rc", Kind.INVARIANT)])
+    assert [f.clause for f in v.new] == ["A3"]
+    # without the invariant finding at that op, the conjunct is judged on its own
+    assert not b.compare([spec(7, "MAP-1", "inv:S7")]).passed
