@@ -134,17 +134,17 @@ class Children:
         """Run to completion; None when the deadline passed or the run is stopping (ended)."""
         from hil.target.proc import die_with_parent, end_process
 
-        if self.stopping.is_set():
-            return None
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+        with open(log, "ab") as out, self._lock:
+            # under the lock: end_all() either sees this process or stops it from starting
+            if self.stopping.is_set():
+                return None
             out.write(("$ " + " ".join(argv) + "\n").encode())
             out.flush()
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
-        with self._lock:
             self._live.add(proc)
         try:
             proc.wait(timeout=timeout_s * timeout_scale())
@@ -162,8 +162,8 @@ class Children:
     def end_all(self) -> None:
         from hil.target.proc import end_process
 
-        self.stopping.set()
         with self._lock:
+            self.stopping.set()
             live = list(self._live)
         for proc in live:
             end_process(proc, 15.0, lambda p=proc: os.kill(p.pid, signal.SIGTERM))  # type: ignore[misc]
@@ -527,7 +527,7 @@ def cmd_ci(args: argparse.Namespace) -> int:
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the cells get absolute paths
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_build:
         try:

@@ -172,3 +172,33 @@ def test_an_image_without_an_abi_symbol_or_of_another_abi_version_is_one_line_na
             s._read_layout()
     finally:
         s.close()
+
+
+def test_sigterm_ends_every_cell_and_its_qemu(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from hil.target.machine import leftover_gdbs, leftover_processes
+
+    tag = os.environ["HIL_RUN_TAG"]
+    before, before_gdbs = set(leftover_processes(tag)), set(leftover_gdbs(tag))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hil.cli", "ci", "--config", str(SHIPPED_CONFIG), "--no-build", "--out",
+         str(tmp_path / "out"), "--image", str(DEFAULT_IMAGE), "--ops", "3000", "--scenarios", "none", "--jobs", "2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(set(leftover_processes(tag)) - before) < 2:  # two cells, each its own QEMU
+            assert proc.poll() is None and time.monotonic() < deadline, "the cells did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert not set(leftover_processes(tag)) - before, "a cell's QEMU outlived hil ci"
+    assert not set(leftover_gdbs(tag)) - before_gdbs, "a cell's gdb outlived hil ci"
