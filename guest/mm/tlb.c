@@ -30,7 +30,9 @@ static void log_flush(u64 va) {
 
 static void do_flushes(bool from_unmap) {
     if (fl.need_flush_all) {
-        write_cr3(read_cr3());  /* full flush (CR4.PGE is off: globals go too) */
+        /* full flush (CR4.PGE is off: globals go too); seeded bug 13: reloads the kernel's
+         * root instead of the current one (switching address spaces under the caller) */
+        write_cr3(SEEDED(13) ? mm.kernel_root : read_cr3());
         *mb_word(HIL_OFF_TLB_FLUSH_ALL) += 1;
         log_flush(HIL_FLUSH_LOG_ALL);
     } else {

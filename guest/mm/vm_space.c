@@ -28,7 +28,7 @@ u64 op_vm_space(u64 op) {
     case HIL_OP_VM_SPACE_DROP:
         if (!(e = reg_find(HIL_REG_VM_SPACE, a0)))
             return HIL_ERR_BAD_ID;
-        if (e->w[1])
+        if (e->w[1] && !SEEDED(22))  /* seeded bug 22: drop with a live cursor is let through */
             return HIL_ERR_VM_SPACE_BUSY;
     {
         /* Dropping VmSpace drops its PageTable's root PageTableNode (a Frame): rc - 1, and at

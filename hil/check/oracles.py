@@ -145,7 +145,9 @@ class MmuProbes:
                 self._mark(fpa)
         if not vas:
             return None
-        entries: list[ProbeEntry] = []
+        # and a VA the op must leave alone, still mapped (the op kept the MMU on this space)
+        outside = [va for va in sorted(mapped) if not lo <= va < hi][:1]
+        entries: list[ProbeEntry] = [ProbeEntry(va, abi.PROBE_READ) for va in outside]
         for va in vas:
             old = mapped.get(va)
             old_safe = old is None or self._data_frame(old.paddr)
@@ -159,7 +161,7 @@ class MmuProbes:
                     # exec only where whatever the TLB may still hold is a marked frame (a `ret`)
                     entries.append(ProbeEntry(va, abi.PROBE_EXEC))
         return ProbePlan(vs, view.root, tuple(entries[: abi.PROBE_CAP]), not isinstance(op, m.ProtectNext),
-                         tuple((va, self.expect(view.root, va)) for va in vas))  # fmt: skip
+                         tuple((va, self.expect(view.root, va)) for va in vas + outside))  # fmt: skip
 
     def write(self, plan: ProbePlan) -> None:
         """Into the mailbox before the request (the guest reads it when it sees the new seq)."""

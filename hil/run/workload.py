@@ -286,7 +286,7 @@ class Workload:
 
     def _error_op(self, state: State) -> m.Op:
         rng = self.rng
-        pick = rng.randrange(9)
+        pick = rng.randrange(12)
         ids = state.next_ids
         ro = [c for c, cur in state.cursors.items() if not cur.mutable]
         if pick == 0:
@@ -309,6 +309,18 @@ class Workload:
         if pick == 7 and state.cursors and state.frames:
             c = self._choice(sorted(state.cursors))
             return m.Map(cursor=c, frame=self._choice(sorted(state.frames)), prop=PageProperty(0x20))  # BAD_ARG
+        if pick == 9:  # UNUSED: nothing to take a reference on
+            free = [p for p in self.frames if state.slot_of(p).rc == REF_COUNT_UNUSED]
+            if free:
+                return m.FrameFromInUse(paddr=self._choice(free))
+        if pick == 10:  # VM_SPACE_BUSY: a live cursor borrows it
+            busy = sorted(vs for vs, v in state.vm_spaces.items() if v.cursor)
+            if busy:
+                return m.DropVmSpace(vs=self._choice(busy))
+        if pick == 11 and state.segments:  # BAD_ARG: a split at the end leaves an empty half
+            s = self._choice(sorted(state.segments))
+            start, end = state.segments[s]
+            return m.SegmentSplit(segment=s, offset=end - start)
         return m.DropVmSpace(vs=ids.get("vm_space", 1) + 3)
 
     def _panic_op(self, state: State) -> m.Op:

@@ -40,7 +40,7 @@ u64 frame_from_in_use(u64 pa) {
         return err;
     struct meta_slot *s = meta_slot(pa);
     u64 rc = s->ref_count;
-    if (rc == REF_COUNT_UNUSED)
+    if (rc == REF_COUNT_UNUSED && !SEEDED(16))  /* seeded bug 16: no UNUSED check (rc wraps to 0) */
         return HIL_ERR_UNUSED;
     if (rc == REF_COUNT_UNIQUE)
         return HIL_ERR_UNIQUE;
@@ -73,10 +73,14 @@ void frame_drop_ref(u64 pa) {
      * does not know the slot's type, so a PT node's children are not dropped here
      * (docs/semantics.md; the model's _drop_ref). */
     struct meta_slot *s = drop_check(pa);
-    if (s->ref_count == 1)
+    if (s->ref_count == 1) {
+        u64 vt = s->vtable;
         meta_tear_down(s);
-    else
+        if (SEEDED(19))  /* seeded bug 19: the last drop leaves the slot's type word behind */
+            s->vtable = vt;
+    } else {
         s->ref_count--;
+    }
 }
 
 void pt_node_drop_ref(u64 pa) {
@@ -177,7 +181,8 @@ u64 op_frame(u64 op) {
             return HIL_ERR_OUT_OF_BOUND;
         /* Exec takes page by page and releases them again on the first failure: the net
          * effect is "no change + that page's error", done here without the round trip. */
-        for (u64 pa = a0; pa < a1; pa += PAGE_SIZE)
+        /* seeded bug 20: the availability check stops before the last page */
+        for (u64 pa = a0; pa < (SEEDED(20) ? a1 - PAGE_SIZE : a1); pa += PAGE_SIZE)
             if (meta_slot(pa)->ref_count != REF_COUNT_UNUSED)
                 return from_unused_error(meta_slot(pa)->ref_count);
         for (u64 pa = a0; pa < a1; pa += PAGE_SIZE)
@@ -198,7 +203,8 @@ u64 op_frame(u64 op) {
         if (!(e = reg_find(HIL_REG_SEGMENT, a0)))
             return HIL_ERR_BAD_ID;
         u64 start = e->w[0], end = e->w[1];
-        if (a1 % PAGE_SIZE || a1 == 0 || a1 >= end - start)
+        /* seeded bug 23: a split at the segment's end is accepted (an empty right half) */
+        if (a1 % PAGE_SIZE || a1 == 0 || (SEEDED(23) ? a1 > end - start : a1 >= end - start))
             return HIL_ERR_BAD_ARG;
         if (!room(2))
             return HIL_ERR_NO_SPACE;
@@ -213,7 +219,8 @@ u64 op_frame(u64 op) {
         if (!room(1))
             return HIL_ERR_NO_SPACE;
         u64 start = e->w[0];
-        if (start + PAGE_SIZE >= e->w[1])
+        /* seeded bug 27: the id of an emptied segment stays live (> for >=) */
+        if (SEEDED(27) ? start + PAGE_SIZE > e->w[1] : start + PAGE_SIZE >= e->w[1])
             reg_free(e);  /* a segment is never empty while live */
         else
             e->w[0] = start + PAGE_SIZE;
@@ -238,7 +245,8 @@ u64 op_frame(u64 op) {
             return HIL_ERR_BAD_ARG;
         if (!room(1))
             return HIL_ERR_NO_SPACE;
-        clone_range(start + a1, start + a2);
+        /* seeded bug 28: the slice takes a reference on its first page only */
+        clone_range(start + a1, SEEDED(28) ? start + a1 + PAGE_SIZE : start + a2);
         mb_result(0, new_handle(HIL_REG_SEGMENT, ID_SEGMENT, start + a1, start + a2));
         return 0;
     }
@@ -257,7 +265,8 @@ u64 op_frame(u64 op) {
             return HIL_ERR_NO_SPACE;
         u64 pa = e->w[0];
         reg_free(e);
-        meta_slot(pa)->ref_count = 1;  /* Frame::from_unique: UNIQUE -> 1 */
+        /* Frame::from_unique: UNIQUE -> 1; seeded bug 18: counts the unique ref and the new one */
+        meta_slot(pa)->ref_count = SEEDED(18) ? 2 : 1;
         mb_result(0, new_handle(HIL_REG_FRAME, ID_FRAME, pa, 0));
         return 0;
     }
@@ -268,7 +277,7 @@ u64 op_frame(u64 op) {
             return HIL_ERR_NO_SPACE;
         u64 pa = e->w[0];
         struct meta_slot *s = meta_slot(pa);
-        if (s->ref_count != 1)
+        if (SEEDED(17) ? s->ref_count > 2 : s->ref_count != 1)  /* seeded bug 17: rc 2 passes */
             return 0;  /* ok 0: CAS 1 -> UNIQUE failed, nothing changes */
         s->ref_count = REF_COUNT_UNIQUE;
         reg_free(e);

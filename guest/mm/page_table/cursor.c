@@ -72,6 +72,9 @@ static bool find_next_impl(struct cursor *c, u64 len, bool unmap_subtree, bool s
     u64 end = va_of(c) + len;
     /* seeded bug 10: find_next's loop also looks at the entry at `end` (<= for <) */
     bool off_by_one = SEEDED(10) && !unmap_subtree && !split_huge;
+    /* seeded bug 25: find_next stops one page short of its end (never looks at the last) */
+    if (SEEDED(25) && !unmap_subtree && !split_huge)
+        end -= PAGE_SIZE;
     while (va_of(c) < end || (off_by_one && va_of(c) == end)) {
         int level = level_of(c);
         u64 pte = *cur_entry(c, NULL);
@@ -116,7 +119,7 @@ static u64 op_open(u64 op) {
     struct reg_entry *vs = reg_find(HIL_REG_VM_SPACE, vsid);
     if (!vs)
         return HIL_ERR_BAD_ID;
-    if (vs->w[1])
+    if (vs->w[1] && !SEEDED(21))  /* seeded bug 21: a second cursor on a busy VmSpace */
         return HIL_ERR_CURSOR_BUSY;  /* root locking: a second cursor would deadlock */
     if (reg_free_count() < 1)
         return HIL_ERR_NO_SPACE;
@@ -228,7 +231,9 @@ static u64 op_map(struct cursor *c, u64 fid, u64 prop) {
     /* §5.7 step 6: Err(Mapped) -> flush Address(va) with the old frame kept, dispatch */
     if (replaced) {
         tlb_flusher_begin();
-        tlb_issue_flush_with(va, PAGE_SIZE, pte_paddr(old), false);
+        /* seeded bug 14: flushes the cursor's VA after move_forward, not the re-mapped one;
+         * seeded bug 15: keeps (releases) the new frame instead of the replaced one */
+        tlb_issue_flush_with(SEEDED(14) ? va_of(c) : va, PAGE_SIZE, SEEDED(15) ? pa : pte_paddr(old), false);
         tlb_dispatch(false);
         mb_result(HIL_RES_MAP_REPLACED, 1);
         mb_result(HIL_RES_MAP_OLD_PADDR, pte_paddr(old));
@@ -267,7 +272,8 @@ static u64 op_unmap(struct cursor *c, u64 len) {
             tlb_issue_flush_with(va, PAGE_SIZE, pte_paddr(old), false);
         } else {
             num += mark_stray(pte_paddr(old));
-            tlb_issue_flush_with(va, page_size(level), pte_paddr(old), true);
+            /* seeded bug 12: a taken subtree queues a flush of its first page only */
+            tlb_issue_flush_with(va, SEEDED(12) ? PAGE_SIZE : page_size(level), pte_paddr(old), true);
         }
         move_forward(c);
     }
@@ -288,14 +294,19 @@ static u64 op_protect_next(struct cursor *c, u64 len, u64 transform) {
         if (!prop_cache_supported(new_prop))
             hil_panic(HIL_PANIC_UNSUPPORTED_CACHE, "protect_next: WriteCombining/WriteProtected");
         u64 raw = pte_set_prop(old, new_prop);
+        if (SEEDED(24))  /* seeded bug 24: protect_next keeps the old NX bit */
+            raw = (raw & ~PTE_NX) | (old & PTE_NX);
         if (SEEDED(6))  /* seeded bug 6: keeps the paddr with the 2 MiB mask (bit 7 = "huge") */
             raw = (raw & ~PHYS_ADDR_MASK) | (old & PHYS_ADDR_MASK & ~0x1fffffUL);
         *e = raw;
     }
     mb_result(HIL_RES_PROTECT_NEXT_FOUND, 1);
+    if (SEEDED(26))  /* seeded bug 26: the protected range is read after move_forward */
+        move_forward(c);
     mb_result(HIL_RES_PROTECT_NEXT_START, range_start(c));
     mb_result(HIL_RES_PROTECT_NEXT_END, range_end(c));
-    move_forward(c);
+    if (!SEEDED(26))
+        move_forward(c);
     return 0;
 }
 
