@@ -171,6 +171,16 @@ class Session:
                               [(KERNEL_LOAD_PADDR, self.layout.pt_pool_start),
                                (self.layout.pt_pool_start, self.layout.pt_pool_end)]]  # fmt: skip
 
+    def mark_reset_point(self, state: State) -> None:
+        """Make the guest as it is now the target of later fast resets (e.g. a benchmark's
+        prepared state). `state` must be the snapshot just taken (its cache unconsumed)."""
+        from hil.observe.snapshot import fork_state
+
+        high = self._pt_high
+        self._save_boot_state()
+        self._pt_high = high  # the prepared nodes are part of the target
+        self._boot_state = fork_state(state)
+
     def note_nodes(self, node_paddrs: Iterable[int]) -> None:
         """Page-table nodes seen in a snapshot: raise the pool's high-water mark for reset."""
         assert self.layout is not None
@@ -365,12 +375,21 @@ class Session:
             self._since_full += 1
             verify = full or self._force_full or (self.full_every > 0 and self._since_full >= self.full_every)
             fp = self.footprint()
+            try:
+                # the full read compares every byte with prev's cached bytes (decoding only what
+                # differs): a private copy of the cache, as the footprint read hands prev's on
+                base = fork_state(prev) if verify else prev
+            except ValueError:
+                base = None  # prev's cache is spent (a second snapshot from it): from scratch
             partial = read_state(self.memory, self.layout, prev, footprint=fp)
             state = partial
             if verify:
                 self._since_full = 0
                 self.full_reads += 1
-                whole = read_state(self.memory, self.layout, prev)  # prev's cache is spent: from scratch
+                if base is None:
+                    whole = read_state(self.memory, self.layout, prev)
+                else:
+                    whole = dataclasses.replace(read_state(self.memory, self.layout, base), parent=prev)
                 missed = compare_states(partial, whole)
                 if missed:
                     self.unlogged += 1
