@@ -37,6 +37,7 @@ MODES = {
     "no-check": (True, False),
     "gdb-only": (False, True),
 }
+SCALING_ROWS = "default:10,default:1000,default:10000,big:10,big:1000"
 PREPARED_VA = 0x1000_0000_0000  # root entry 32: no workload hot region (hil/run/workload.py HOT_BASES)
 
 
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=1000)
     parser.add_argument("--gdb-only-ops", type=int, default=200)
     parser.add_argument("--scaling-ops", type=int, default=300, help="ops per scaling row (0: no scaling rows)")
-    parser.add_argument("--scaling", default="default:10,default:1000,default:10000,big:10,big:1000",
-                        help="PROFILE:MAPPINGS rows")  # fmt: skip
+    parser.add_argument("--scaling", default="", metavar="PROFILE:MAPPINGS,...",
+                        help=f"scaling rows (scripts/bench: {SCALING_ROWS})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
