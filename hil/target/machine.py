@@ -38,11 +38,8 @@ class Profile:
     memory_mib: int = 64
     cpu: str = "qemu64,+nx"
     extra_args: tuple[str, ...] = ()
-    # how the drive stops at hil_op_done: "software" (int3) or "hardware" (a debug register:
-    # under KVM the kernel VA is not mapped yet at -S, so a software breakpoint is refused)
-    breakpoint: str = "software"
 
-    KEYS = ("name", "accel", "memory_mib", "cpu", "extra_args", "breakpoint")
+    KEYS = ("name", "accel", "memory_mib", "cpu", "extra_args")
 
     @classmethod
     def load(cls, name_or_path: str) -> Profile:
@@ -64,17 +61,12 @@ class Profile:
         mem = data.get("memory_mib", 64)
         if not isinstance(mem, int) or not 16 <= mem <= 3072:
             raise ConfigError(f"profile {path}: memory_mib must be an integer in 16..3072")
-        accel = data.get("accel", "tcg")
-        bp = data.get("breakpoint", "hardware" if accel == "kvm" else "software")
-        if bp not in ("software", "hardware"):
-            raise ConfigError(f"profile {path}: breakpoint must be software or hardware")
         return cls(
             name=str(data.get("name", path.stem)),
-            accel=accel,
+            accel=data.get("accel", "tcg"),
             memory_mib=mem,
             cpu=str(data.get("cpu", "qemu64,+nx")),
             extra_args=tuple(str(a) for a in data.get("extra_args", [])),
-            breakpoint=bp,
         )
 
 

@@ -4,6 +4,7 @@ throwaway project (real QEMU, real guest; op counts small)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -175,7 +176,6 @@ def test_an_image_without_an_abi_symbol_or_of_another_abi_version_is_one_line_na
 
 
 def test_sigterm_ends_every_cell_and_its_qemu(tmp_path: Path) -> None:
-    import os
     import signal
     import time
 
@@ -202,3 +202,23 @@ def test_sigterm_ends_every_cell_and_its_qemu(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert not set(leftover_processes(tag)) - before, "a cell's QEMU outlived hil ci"
     assert not set(leftover_gdbs(tag)) - before_gdbs, "a cell's gdb outlived hil ci"
+
+
+@pytest.mark.skipif(not (os.environ.get("HIL_TEST_KVM") and os.access("/dev/kvm", os.R_OK | os.W_OK)),
+                    reason="opt-in (HIL_TEST_KVM=1, /dev/kvm): a KVM boot takes ~18 s on this workplace")
+def test_kvm_profile_boots_and_runs_a_scenario() -> None:
+    from hil.run.runner import Runner
+    from hil.run.session import Session
+    from hil.target.machine import Profile
+    from hil.workflows.scenarios import SCENARIOS
+
+    s = Session(profile=Profile.load("kvm"))
+    runner = Runner(s, baseline=Baseline.load(SHIPPED_BASELINE))
+    try:
+        runner.start()  # a hardware breakpoint on hil_op_done: KVM refuses a software one at -S
+        assert s.layout is not None and runner.state is not None
+        found = runner.run(SCENARIOS["map"](s.layout))
+        assert runner.baseline is not None and runner.baseline.compare(found, report_fixed=False).passed
+        assert sorted(runner.state.vm_spaces[1].mappings()) == [0, 4096]  # read back from guest memory
+    finally:
+        s.close()
