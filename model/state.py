@@ -232,8 +232,8 @@ class State:
     frames: Mapping[int, int]  # FrameEntry: id -> paddr
     segments: Mapping[int, tuple[int, int]]  # SegmentEntry: id -> [start, end)
     uniques: Mapping[int, int]  # UniqueEntry: id -> paddr
-    # page tables of dropped VmSpaces: DropVmSpace leaks them (spec §2, VS-DROP), and their
-    # PTEs still reference frames, so their paths stay in `paths_in_pt`
+    # page tables of dropped VmSpaces still walked (REG_LEAKED_ROOT of older guest images; the
+    # guest now frees a dropped VmSpace's tree as exec does, so this stays empty)
     leaked: Mapping[int, VmSpaceView] = field(default_factory=dict)
     # next id per kind ("vm_space", "cursor", "frame", "segment", "unique")
     next_ids: Mapping[str, int] = field(default_factory=dict)

@@ -6,7 +6,7 @@ model predicts everything except allocator choices: a new page-table node's padd
 `alloc(level)` (the harness reads it from the guest; tests use `PoolAllocator`). An allocator
 signals exhaustion by raising `OutOfMemory` (-> PANIC OUT_OF_MEMORY).
 
-Page-table shadow: every live VmSpace (and every leaked root of a dropped one) keeps its nodes
+Page-table shadow: every live VmSpace (and a leaked root of older images, see State.leaked) keeps its nodes
 (paddr -> 512 raw PTEs). Slot `paths` / `refs` are kept exactly as a walk of the user half
 (root entries 0..255) of every walked root would derive them: a leaf's slot holds the set of
 root-relative paths (i4, i3, i2, i1) of the PTEs pointing at it and `refs` the raw PTE count;
