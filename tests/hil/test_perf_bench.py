@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hil.workflows import bench
 
 
-def test_bench_json_has_the_issue_shape_and_scaling_rows(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bench_json_has_the_issue_shape_and_scaling_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     assert bench.main(["--ops", "12", "--gdb-only-ops", "3", "--scaling-ops", "4",
                        "--scaling", "default:10", "--json", str(out)]) == 0  # fmt: skip

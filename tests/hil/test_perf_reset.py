@@ -39,7 +39,7 @@ def _dirty(s: Session) -> None:
         assert s.apply(m.Map(cursor=c, frame=f)).result.status == m.Status.OK
     s.apply(m.DropCursor(cursor=c))
     assert s.apply(m.Activate(vs=vs)).result.status == m.Status.OK
-    assert s.apply(m.Probe(va=0x40_0000, write=1, value=0x1234)).result.status == m.Status.OK
+    assert s.apply(m.Probe(va=0x40_0000, write=True, value=0x1234)).result.status == m.Status.OK
     s.snapshot()  # the pool's high-water mark
     assert s.apply(m.FrameFromUnused(paddr=1 << 50)).result.status in (m.Status.PANIC, m.Status.ERR)
     assert s.apply(m.RaiseFault(kind=2)).result.status == m.Status.EXCEPTION
@@ -68,7 +68,7 @@ def test_fast_reset_is_byte_identical_to_a_fresh_boot() -> None:
         assert isinstance(used.gdb, Stub)
         assert used.gdb.read_registers() == want_regs  # CR3 included: the kernel root again
         # and the machine runs on from there like a fresh one, its TLB flushed
-        assert used.apply(m.Probe(va=0x40_0000, write=0, value=0)).result.get("faulted") == 1  # unmapped now
+        assert used.apply(m.Probe(va=0x40_0000, write=False, value=0)).result.get("faulted") == 1  # unmapped now
         assert used.apply(m.Nop(value=5)).result == m.OpResult.ok(value=5)
         assert used.seq == fresh.seq + 2
     finally:
