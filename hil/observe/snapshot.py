@@ -982,10 +982,27 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
             anomalies += info.no_slot
 
     # slots: which to read
+    bulk: dict[int, Slot] = {}  # from scratch: runs of identical unreferenced slots, decoded once
     if cache is None:
         raw_meta = bytearray(mem.read(layout.meta_base, layout.slot_size * layout.slot_count))
         rebuild: Iterable[int] = range(layout.slot_count)
         slot_anoms: dict[int, Anomaly] = {}
+        if prev is None and layout.slot_count >= 64:
+            # boot: most of RAM is free frames whose slots are byte-identical (~100 ms -> a few)
+            pattern = bytes(raw_meta[64 * (layout.slot_count - 1) :]) * 64
+            bad: list[Anomaly] = []
+            free = slot_from_raw(pattern[:64], anomalies=bad)
+            if not bad:
+                todo: list[int] = []
+                for lo in range(0, layout.slot_count, 64):
+                    hi = min(lo + 64, layout.slot_count)
+                    if raw_meta[64 * lo : 64 * hi] == pattern[: 64 * (hi - lo)] and not any(
+                        i in acc.paths for i in range(lo, hi)
+                    ):
+                        bulk.update(dict.fromkeys(range(lo, hi), free))
+                    else:
+                        todo.extend(range(lo, hi))
+                rebuild = todo
     else:
         raw_meta = cache.raw_meta
         if footprint is None:
@@ -1044,6 +1061,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
             {i: slot for i, slot in slots.items() if slot is not prev.slot(i)}
         )
     else:
+        slots.update(bulk)
         table = SlotTable.dense(slots[i] for i in range(layout.slot_count))
 
     def view(key: tuple[str, int], vs: int, root: int, cursor: int = 0) -> VmSpaceView:

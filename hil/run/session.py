@@ -26,9 +26,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hil.errors import AbiError, InfraError
+from hil.observe.snapshot import Footprint, compare_states, fork_state, read_state
 from hil.target import abi
 from hil.target.elf import GuestElf
 from hil.target.gdb import Gdb
@@ -37,9 +37,6 @@ from hil.target.memory import GdbPhysMemory, PhysMemory, SharedRamMemory
 from hil.target.stub import Stub, Target
 from model import ops as m
 from model.state import State
-
-if TYPE_CHECKING:
-    from hil.observe.snapshot import Footprint
 
 BOOT_DEADLINE_S = 20.0
 OP_DEADLINE_S = 10.0
@@ -174,8 +171,6 @@ class Session:
     def mark_reset_point(self, state: State) -> None:
         """Make the guest as it is now the target of later fast resets (e.g. a benchmark's
         prepared state). `state` must be the snapshot just taken (its cache unconsumed)."""
-        from hil.observe.snapshot import fork_state
-
         high = self._pt_high
         self._save_boot_state()
         self._pt_high = high  # the prepared nodes are part of the target
@@ -326,8 +321,6 @@ class Session:
     def footprint(self) -> Footprint:
         """What the next snapshot must read besides what it derives itself (hil.observe.snapshot
         `Footprint`): the last op's own arguments and every poked byte."""
-        from hil.observe.snapshot import Footprint
-
         assert self.layout is not None
         lay = self.layout
         slots: set[int] = set()
@@ -361,8 +354,6 @@ class Session:
         footprint) and, every `full_every` snapshots (or with `full`), everything too: what the
         footprints missed becomes an UNLOGGED anomaly and the full read is the result. Right
         after a fast reset, the State is read against the saved boot State (exact)."""
-        from hil.observe.snapshot import compare_states, fork_state, read_state
-
         assert self.memory is not None and self.layout is not None
         if prev is None and self._fresh_reset and self._boot_state is not None:
             state = read_state(self.memory, self.layout, fork_state(self._boot_state))
