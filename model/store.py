@@ -728,8 +728,6 @@ def _map(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
         raise _Err(ErrorCode.BAD_ARG)
     if view.va >= view.end or view.va + PAGE_SIZE > view.end:
         raise _Panic(PanicCode.MAP_OUT_OF_RANGE)
-    if op.prop.cache in UNSUPPORTED_CACHES:
-        raise _Panic(PanicCode.UNSUPPORTED_CACHE)
     paddr = tx.frames.pop(op.frame)  # item_into_raw: the handle's reference moves to the PTE
     cur = _Cursor(tx, view)
     try:
@@ -741,6 +739,8 @@ def _map(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
             elif pte_is_last(pte):
                 raise AssertionError("huge leaf in a user page table (split unreachable)")
             cur.c.level -= 1
+        if op.prop.cache in UNSUPPORTED_CACHES:  # new_page -> set_prop, after map_loop
+            raise _Panic(PanicCode.UNSUPPORTED_CACHE)
         node = cur.node()
         k = _index(cur.c.va, 1)
         old = node.entries[k]

@@ -357,8 +357,17 @@ def test_map_panics_past_the_barrier_and_on_unsupported_cache(fresh: Session) ->
     ok(s, m.FindNext(cursor=c, len=2 * PAGE_SIZE))
     panic(s, m.Map(cursor=c, frame=f), P.MAP_OUT_OF_RANGE)
     vs, c = new_space(s, 0, 2 * PAGE_SIZE)
-    f, _ = frame(s, 0)
-    panic(s, m.Map(cursor=c, frame=f, prop=PageProperty(1, CachePolicy.WRITE_COMBINING, 1)), P.UNSUPPORTED_CACHE)
+    f, paddr = frame(s, 0)
+    before = s.snapshot()
+    res = s.apply(m.Map(cursor=c, frame=f, prop=PageProperty(1, CachePolicy.WRITE_COMBINING, 1))).result
+    assert res == m.OpResult.panic(P.UNSUPPORTED_CACHE)
+    # as exec leaves it: set_prop panics in new_page, after map_loop allocated the nodes and
+    # the handle was consumed; no leaf written
+    after = s.snapshot(before)
+    assert sorted(new_pt_slots(before, after).values()) == [1, 2, 3]
+    assert f not in after.frames and after.slot_of(paddr).rc == 1 and after.slot_of(paddr).refs == 0
+    assert after.cursors[c].level == 1
+    s.reset()
 
 
 def test_tlb_flusher_invalidates_each_page_then_flushes_all_past_the_threshold(fresh: Session) -> None:

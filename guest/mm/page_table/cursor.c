@@ -199,8 +199,6 @@ static u64 op_map(struct cursor *c, u64 fid, u64 prop) {
     /* §5.7 step 1 (map_panic_conditions) */
     if (va >= c->end || (u128)va + PAGE_SIZE > c->end)
         hil_panic(HIL_PANIC_MAP_OUT_OF_RANGE, "map: va outside the barrier");
-    if (!prop_cache_supported(prop))
-        hil_panic(HIL_PANIC_UNSUPPORTED_CACHE, "map: WriteCombining/WriteProtected");
     /* §5.7 step 2 item_into_raw: the handle's reference moves into the future PTE */
     struct reg_entry *f = reg_find(HIL_REG_FRAME, fid);
     u64 pa = f->w[0];
@@ -218,7 +216,11 @@ static u64 op_map(struct cursor *c, u64 fid, u64 prop) {
         }
         push_level(c);
     }
-    /* §5.7 step 4 replace_cur_entry(Frame(pa, 1, prop)) */
+    /* §5.7 step 4 replace_cur_entry(Frame(pa, 1, prop)): new_page -> set_prop panics on
+     * WriteCombining/WriteProtected, after map_loop allocated the nodes and the handle was
+     * consumed (vostd arch/x86/mm/mod.rs:349, :537; docs/semantics.md) */
+    if (!prop_cache_supported(prop))
+        hil_panic(HIL_PANIC_UNSUPPORTED_CACHE, "map: WriteCombining/WriteProtected");
     u64 node;
     u64 *e = cur_entry(c, &node);
     u64 old = *e;
