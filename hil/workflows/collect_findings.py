@@ -1,6 +1,7 @@
 """Collect the spec findings a workload exposes, each as a minimal trace (scripts/collect-findings).
 
-A SPEC finding (guest and model agree, a clause fails) or an INVARIANT finding is kept: shrunk
+A root SPEC finding (guest and model agree, a clause fails) or INVARIANT finding is kept (a
+consequence, `caused_by` set, is not: its root is): shrunk
 to a minimal trace under tests/data/findings/, with the finding's signature in the trace
 header, so a test keeps asserting it is reported. Predicates are never changed to silence one.
 """
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if f.kind == Kind.IMPL:
             print(f"IMPL finding (fix the guest or the model first): {f.describe()}", file=sys.stderr)
             return 1
+        if f.caused_by is not None:
+            continue  # a consequence of an earlier finding: its root is collected instead
         firsts.setdefault((str(f.kind), f.clause), f.op_index)
     for (kind, clause), _index in sorted(firsts.items()):
         if args.only and clause not in args.only:
