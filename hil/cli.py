@@ -137,6 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def on_step(rec: Record) -> None:
             nonlocal findings_total, t_last
+            check_interrupted()
             findings_total += len(rec.findings)
             for f in rec.findings:
                 if args.show == "all" or (args.show == "new" and f.signature() not in shown):
@@ -148,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sys.stderr.write(_progress(args.ops, rec.index + 1, runner.stats.rate(), findings_total))
                 sys.stderr.flush()
 
+        check_interrupted()
         runner.run(workload, count=args.ops - done, on_step=on_step)
         status = "complete"
     except KeyboardInterrupt:
@@ -248,11 +250,23 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS
 
 
+_signalled: list[int] = []
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     # once: a second Ctrl-C must not cut the clean-up (ending QEMU and gdb, closing the trace)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _signalled:
+        return
+    _signalled.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def check_interrupted() -> None:
+    """Between ops: a KeyboardInterrupt can be swallowed where Python ignores exceptions (an
+    at-fork hook while QEMU starts, a __del__), so the signal is remembered and acted on here."""
+    if _signalled:
+        raise KeyboardInterrupt(f"signal {_signalled[0]}")
+
 
 
 def _internal_error(exc: BaseException) -> str:

@@ -72,7 +72,7 @@ def replay_into(runner: Runner, workload: Callable[[State], m.Op], point: Resume
                     raise ConfigError(f"{point.path}: infra-retry note before op {index}: {exc}") from exc
                 _same(point, index, "lost op", lost, drawn)
             runner.stats.infra_retries += 1
-            runner._reboot()
+            runner._reboot(reboot=True)
 
     for rec in point.trace.records:
         redo_retries(rec.index)

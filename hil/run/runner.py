@@ -91,9 +91,11 @@ class Runner:
         empty = dataclasses.replace(self.state, anomalies=())
         return check.snapshot_anomalies(-1, empty, self.state) + check.check_invariants(-1, self.state)
 
-    def _reboot(self) -> None:
+    def _reboot(self, reboot: bool = False) -> None:
+        """A fresh guest: the fast reset after a PANIC / EXCEPTION, a new QEMU (`reboot`) after
+        an infrastructure error (the old one may be hung, gone or half-connected)."""
         t0 = time.perf_counter()
-        self.session.reset()
+        self.session.reset(reboot=reboot)
         self.stats.reboots += 1
         self.state = self.session.snapshot()
         self.stats.reset_s += time.perf_counter() - t0
@@ -235,7 +237,7 @@ class Runner:
                     # draws it again to stay in step with the seed)
                     self.writer.note("infra-retry", index=self.index, error=exc.what,
                                      lost=None if done else event.to_json())  # fmt: skip
-                self._reboot()
+                self._reboot(reboot=True)
                 if not done:
                     continue
                 rec = self.records[-1]

@@ -323,7 +323,8 @@ def _clean_hmp(raw: bytes, command: str) -> str:
 def leftover_processes(run_tag: str = "") -> list[int]:
     """PIDs of QEMU processes started by ostd-hil machines (of run `run_tag`, if given) that
     are still running."""
-    marker = f"{RUN_PREFIX}{run_tag}".encode()
+    # the tag is followed by "-": run "t12" must not count run "t123"'s machines
+    marker = f"{RUN_PREFIX}{run_tag}-".encode() if run_tag else RUN_PREFIX.encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -378,5 +379,5 @@ def leftover_gdbs(run_tag: str) -> list[int]:
 
 
 def leftover_files(run_tag: str = "") -> list[Path]:
-    pattern = f"{RUN_PREFIX}{run_tag}*"
+    pattern = f"{RUN_PREFIX}{run_tag}-*" if run_tag else f"{RUN_PREFIX}*"
     return sorted(SHM_DIR.glob(pattern)) + sorted(Path("/tmp").glob(pattern))
