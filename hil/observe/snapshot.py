@@ -757,13 +757,34 @@ class _Cache:
     acc: _RefAcc
     slot_anomalies: dict[int, Anomaly]
     consumed: bool = False
+    # what this snapshot found changed in raw bytes (None: read from scratch, everything)
+    raw_changed_slots: tuple[int, ...] | None = None
+    raw_changed_entries: tuple[int, ...] | None = None
 
     def copy(self) -> _Cache:
         """An unconsumed copy (its own bytes and reference sets; node decodings are immutable)."""
         acc = _RefAcc({i: dict(p) for i, p in self.acc.paths.items()}, dict(self.acc.count))
         trees = {k: _Tree(t.root, t.infos, t.anomalies, t.nodes) for k, t in self.trees.items()}
         return _Cache(self.meta_base, self.slot_count, bytearray(self.raw_meta), bytearray(self.raw_registry),
-                      set(self.live_entries), trees, acc, dict(self.slot_anomalies))  # fmt: skip
+                      set(self.live_entries), trees, acc, dict(self.slot_anomalies), False,
+                      self.raw_changed_slots, self.raw_changed_entries)  # fmt: skip
+
+
+def raw_changes(state: State) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(slot indices, registry entry indices) whose bytes this snapshot found changed since its
+    prev (None: it read from scratch, so any may have). For Session's reset bookkeeping."""
+    cache = state.raw_cache
+    if not isinstance(cache, _Cache):
+        return None, None
+    return cache.raw_changed_slots, cache.raw_changed_entries
+
+
+def cached_bytes(state: State) -> tuple[bytes, bytes]:
+    """The metadata region's and the registry's bytes as this snapshot read them."""
+    cache = state.raw_cache
+    if not isinstance(cache, _Cache):
+        raise ValueError("this State carries no snapshot cache")
+    return bytes(cache.raw_meta), bytes(cache.raw_registry)
 
 
 def compare_states(partial: State, full: State) -> list[Anomaly]:
@@ -843,6 +864,9 @@ def _runs(indices: Iterable[int], gap: int = 4) -> list[tuple[int, int]]:
         else:
             out.append((i, i + 1))
     return out
+
+
+runs = _runs
 
 
 def _changed_entries(old: bytes | bytearray, new: bytes, base: int, size: int) -> list[int]:
@@ -983,6 +1007,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
 
     # slots: which to read
     bulk: dict[int, Slot] = {}  # from scratch: runs of identical unreferenced slots, decoded once
+    changed_slots: list[int] = []
     if cache is None:
         raw_meta = bytearray(mem.read(layout.meta_base, layout.slot_size * layout.slot_count))
         rebuild: Iterable[int] = range(layout.slot_count)
@@ -1021,7 +1046,6 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
                 for words in (old_reg[old_reg_at[i] * es : (old_reg_at[i] + 1) * es], raw_reg[i * es : (i + 1) * es]):
                     kind, _ident, *w = _ENTRY.unpack(words)
                     want.update(_handle_slots(kind, w, layout.slot_count))
-            changed_slots = []
             for lo, hi in _runs(i for i in want if 0 <= i < layout.slot_count):
                 new_meta = mem.read(layout.meta_base + 64 * lo, 64 * (hi - lo))
                 found = _changed_entries(raw_meta, new_meta, lo, 64)
@@ -1091,7 +1115,9 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         parent=prev,
         changed=frozenset(changed) if changed is not None else None,
         anomalies=tuple(anomalies),
-        raw_cache=_Cache(layout.meta_base, layout.slot_count, raw_meta, raw_reg, live, trees, acc, slot_anoms),
+        raw_cache=_Cache(layout.meta_base, layout.slot_count, raw_meta, raw_reg, live, trees, acc, slot_anoms, False,
+                         None if cache is None else tuple(changed_slots),
+                         None if cache is None else tuple(changed_entries)),  # fmt: skip
     )
 
 

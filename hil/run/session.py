@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import AbiError, InfraError
-from hil.observe.snapshot import Footprint, compare_states, fork_state, read_state
+from hil.observe.snapshot import Footprint, cached_bytes, compare_states, fork_state, raw_changes, read_state, runs
 from hil.target import abi
 from hil.target.elf import GuestElf
 from hil.target.gdb import Gdb
@@ -43,6 +43,7 @@ OP_DEADLINE_S = 10.0
 KERNEL_LOAD_PADDR = 0x100000  # guest/linker.ld: the image (boot tables, .data, .bss) starts here
 DRIVERS = ("stub", "gdb")
 PT_POOL_MARGIN = 64 * 4096  # restored past the highest page-table node seen (see reset)
+PT_POOL_MARGIN_SLOW = 2 * 4096  # the same through `M` packets (gdb-only)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,24 @@ class Session:
         self.elf = GuestElf(self.image)
         self._op_done = self.elf.symbol("hil_op_done")
         self._layout_paddr = self.elf.vaddr_to_paddr(self.elf.symbol("hil_layout"))
+        # the reset point (the READY stop, or mark_reset_point): registers, kernel .data/.bss,
+        # the pool's nodes then, the State (its cache never consumed: forked before each use)
+        # and its metadata / registry bytes
         self._boot_regs: bytes | None = None
-        self._boot_ram: list[tuple[int, bytes]] = []  # (paddr, bytes) saved at the READY stop
+        self._boot_ram: list[tuple[int, bytes]] = []
+        self._boot_meta = b""
+        self._boot_registry = b""
+        self._reset_pt_high = 0
         self._pt_high = 0  # end of the highest page-table-pool node seen since boot
+        # what changed since the reset point (what a fast reset writes back)
+        self._dirty_slots: set[int] = set()
+        self._dirty_entries: set[int] = set()
+        self._dirty_all = False
+        self._seen_nodes: set[int] = set()
+        self._unrestorable = False  # a poke where the reset point's bytes are not kept: reboot
+        self._reset_slots: frozenset[int] = frozenset()
+        self._untouched = False  # nothing ran since the reset point was read
+        self._ops_since_snapshot = 0  # ops no snapshot has looked at (their writes are unknown)
         self._poked: list[tuple[int, int]] = []  # (paddr, size) written by poke() since the last snapshot
         self._last_op: m.Op | None = None
         self._force_full = False
@@ -136,83 +152,138 @@ class Session:
                 raise machine.infra(f"guest stopped at hil_op_done with status {resp.status.name}, not READY")
             self.seq = resp.seq
             self.boots += 1
-            self._save_boot_state()
+            self._pt_high = self.layout.pt_pool_start
+            self._set_reset_point(read_state(self.memory, self.layout))
         except BaseException:
             self.close()
             raise
 
     # --- fast reset ---------------------------------------------------------------------
-    def state_regions(self) -> list[tuple[int, int]]:
-        """[start, end) paddr ranges holding guest state that a reset must restore: the kernel
-        image (boot tables, mailbox, .data, .bss with the stacks), the handle registry, the
-        metadata region and the kernel's tables, all below the page-table pool, then the pool
-        up to the highest node allocated so far (the allocator takes the lowest free node, so
-        nodes are dense from the pool's start; free data frames hold no state)."""
-        assert self.layout is not None
+    def _set_reset_point(self, state: State) -> None:
+        """The guest as it is now (`state` = its snapshot, cache unconsumed) becomes what a fast
+        reset returns to. Kept: registers, kernel .data/.bss (the mailbox is its first page,
+        the registry follows .bss), the pool's nodes (free pool pages are zero at boot), and the
+        State with the metadata and registry bytes it read."""
+        assert self.layout is not None and self.memory is not None
         lay = self.layout
-        out = [(KERNEL_LOAD_PADDR, lay.pt_pool_start)]
-        out.append((lay.pt_pool_start, min(max(self._pt_high, lay.pt_pool_start) + PT_POOL_MARGIN, lay.pt_pool_end)))
-        return out
-
-    def _save_boot_state(self) -> None:
-        self._boot_state = None
-        self._fresh_reset = False
+        self._boot_state = fork_state(state)
+        self._boot_meta, self._boot_registry = cached_bytes(state)
+        self._reset_pt_high = max(self._pt_high, lay.pt_pool_start)
+        self._clear_dirty()
+        self._untouched = True
         self._boot_regs = None
         self._boot_ram = []
-        assert self.layout is not None
-        self._pt_high = self.layout.pt_pool_start
-        if isinstance(self.gdb, Stub) and isinstance(self.memory, SharedRamMemory):
+        if isinstance(self.gdb, Stub):
             self._boot_regs = self.gdb.read_registers()
-            # the whole pool is saved once (the high-water mark grows later); zeros at boot
-            self._boot_ram = [(a, self.memory.read(a, b - a)) for a, b in
-                              [(KERNEL_LOAD_PADDR, self.layout.pt_pool_start),
-                               (self.layout.pt_pool_start, self.layout.pt_pool_end)]]  # fmt: skip
+            start = KERNEL_LOAD_PADDR if self.shared_ram else lay.mailbox
+            self._boot_ram = [(start, self.memory.read(start, lay.registry_base - start))]
+            if self._reset_pt_high > lay.pt_pool_start:
+                size = self._reset_pt_high - lay.pt_pool_start
+                self._boot_ram.append((lay.pt_pool_start, self.memory.read(lay.pt_pool_start, size)))
+
+    def _clear_dirty(self) -> None:
+        self._dirty_slots.clear()
+        self._dirty_entries.clear()
+        self._dirty_all = self._unrestorable = False
+        self._seen_nodes.clear()
 
     def mark_reset_point(self, state: State) -> None:
         """Make the guest as it is now the target of later fast resets (e.g. a benchmark's
         prepared state). `state` must be the snapshot just taken (its cache unconsumed)."""
-        high = self._pt_high
-        self._save_boot_state()
-        self._pt_high = high  # the prepared nodes are part of the target
-        self._boot_state = fork_state(state)
+        self._set_reset_point(state)
 
     def note_nodes(self, node_paddrs: Iterable[int]) -> None:
-        """Page-table nodes seen in a snapshot: raise the pool's high-water mark for reset."""
+        """Page-table nodes seen in a snapshot: the pool pages a reset writes back."""
         assert self.layout is not None
-        top = max(node_paddrs, default=0) + 4096
-        if self.layout.pt_pool_start < top <= self.layout.pt_pool_end and top > self._pt_high:
-            self._pt_high = top
+        lo, hi = self.layout.pt_pool_start, self.layout.pt_pool_end
+        for p in node_paddrs:
+            if lo <= p < hi:
+                self._seen_nodes.add(p)
+                self._pt_high = max(self._pt_high, p + 4096)
+
+    def _note_snapshot(self, state: State) -> None:
+        slots, entries = raw_changes(state)
+        if slots is None or entries is None:
+            self._dirty_all = True
+        else:
+            self._dirty_slots.update(slots)
+            self._dirty_entries.update(entries)
+        for view in (*state.vm_spaces.values(), *state.leaked.values()):
+            self.note_nodes(view.nodes)
+
+    def _note_poke(self, paddr: int, size: int) -> None:
+        """A fast reset restores kernel data, registry, metadata and pool pages; a poke
+        elsewhere below the data pool (kernel tables, boot code) makes the next reset a reboot."""
+        assert self.layout is not None
+        lay = self.layout
+        kernel_data = KERNEL_LOAD_PADDR if self.shared_ram else lay.mailbox
+        for page in range(paddr & ~0xFFF, paddr + size, 4096):
+            if lay.pt_pool_start <= page < lay.pt_pool_end:
+                self._seen_nodes.add(page)
+            elif kernel_data <= page < lay.registry_base + lay.registry_entries * lay.registry_entry_size:
+                continue  # kernel data (always restored) or the registry (the snapshot marks it)
+            elif lay.meta_base <= page < lay.meta_base + lay.slot_count * lay.slot_size:
+                continue  # the next snapshot reads the poked slots and marks them
+            elif page < lay.pt_pool_start:
+                self._unrestorable = True
 
     def can_fast_reset(self) -> bool:
         return (
             self._boot_regs is not None
+            and self._boot_state is not None
+            and not self._unrestorable
             and isinstance(self.gdb, Stub)
             and self.gdb.alive()
-            and isinstance(self.memory, SharedRamMemory)
+            and self.memory is not None
             and self.machine is not None
             and self.machine.alive()
         )
 
     def reset(self, *, reboot: bool = False) -> None:
-        """Back to the booted state: after a PANIC / EXCEPTION (fast, same QEMU), or a reboot
-        (`reboot=True`, an infrastructure error, or no fast path in this mode)."""
-        if reboot or not self.can_fast_reset():
+        """Back to the reset point (the booted guest): after a PANIC / EXCEPTION write back
+        what changed since (same QEMU, both modes), or reboot (`reboot=True`, an
+        infrastructure error, or no fast path: gdb/MI driver, an unrestorable poke)."""
+        blind = self._ops_since_snapshot > 0  # ops whose writes no snapshot has seen
+        if reboot or not self.can_fast_reset() or (blind and not self.shared_ram):
             self.boot()
             return
-        assert isinstance(self.gdb, Stub) and isinstance(self.memory, SharedRamMemory)
-        assert self._boot_regs is not None and self.layout is not None
-        # nodes allocated and freed inside one op are never seen by a snapshot: a margin
-        high = max(self._pt_high, self.layout.pt_pool_start) + PT_POOL_MARGIN
-        for start, data in self._boot_ram:
-            end = start + len(data)
-            if start >= self.layout.pt_pool_start:
-                end = min(end, high)  # the pool: only what was ever allocated
-            if end > start:
-                self.memory.write(start, data[: end - start])
+        assert isinstance(self.gdb, Stub) and self.memory is not None and self.layout is not None
+        assert self._boot_regs is not None
+        lay, mem = self.layout, self.memory
+        if blind:
+            self._dirty_all = True
+        for start, data in self._boot_ram[:1]:  # kernel .data/.bss: stacks, globals, mailbox
+            mem.write(start, data)
+        es, n_entries = lay.registry_entry_size, lay.registry_entries
+        entries = range(n_entries) if self._dirty_all else self._dirty_entries
+        for lo, hi in runs(i for i in entries if 0 <= i < n_entries):
+            mem.write(lay.registry_base + es * lo, self._boot_registry[es * lo : es * hi])
+        slots = range(lay.slot_count) if self._dirty_all else self._dirty_slots
+        restored: set[int] = set()
+        for lo, hi in runs(i for i in slots if 0 <= i < lay.slot_count):
+            mem.write(lay.meta_base + 64 * lo, self._boot_meta[64 * lo : 64 * hi])
+            restored.update(range(lo, hi))
+        # the pool: the nodes seen since, and a margin past the highest (a node allocated and
+        # freed inside one op is never seen); bytes of the reset point, zeros past its nodes
+        saved = self._boot_ram[1][1] if len(self._boot_ram) > 1 else b""
+        margin = PT_POOL_MARGIN if self.shared_ram else PT_POOL_MARGIN_SLOW
+        top = min(max(self._pt_high, self._reset_pt_high, lay.pt_pool_start) + margin, lay.pt_pool_end)
+        pages = set(range(max(self._pt_high, self._reset_pt_high, lay.pt_pool_start), top, 4096))
+        pages |= self._seen_nodes
+        if self.shared_ram:
+            pages = set(range(lay.pt_pool_start, lay.pt_pool_end if blind else top, 4096))
+        for lo, hi in runs(p // 4096 for p in pages):
+            a, b = lo * 4096, hi * 4096
+            off = a - lay.pt_pool_start
+            data = saved[off : off + (b - a)]
+            mem.write(a, data + bytes(b - a - len(data)))
         self.gdb.write_registers(self._boot_regs)
-        self._pt_high = self.layout.pt_pool_start
+        self._pt_high = self._reset_pt_high
+        self._clear_dirty()
         self._poked.clear()
-        self._fresh_reset = self._boot_state is not None
+        self._reset_slots = frozenset(restored)
+        self._fresh_reset = True
+        self._ops_since_snapshot = 0
         resp = self.response()
         if resp.status != m.Status.READY:
             raise self._infra(f"after the reset the mailbox says {resp.status.name}, not READY")
@@ -223,6 +294,7 @@ class Session:
         self._boot_regs = None
         self._boot_ram = []
         self._boot_state = None
+        self._boot_meta = self._boot_registry = b""
         gdb, self.gdb = self.gdb, None
         machine, self.machine = self.machine, None
         memory, self.memory = self.memory, None
@@ -289,6 +361,8 @@ class Session:
         assert self.gdb is not None and self.memory is not None and self.layout is not None
         if self.machine is None or not self.machine.alive():
             raise self._infra("QEMU is not running")
+        self._untouched = False
+        self._ops_since_snapshot += 1
         # seq is the first word: write the rest first, seq last, so the guest never sees a torn request
         self.memory.write(self.layout.mailbox + 8, request[8:])
         self.memory.write(self.layout.mailbox, request[:8])
@@ -355,16 +429,22 @@ class Session:
         footprints missed becomes an UNLOGGED anomaly and the full read is the result. Right
         after a fast reset, the State is read against the saved boot State (exact)."""
         assert self.memory is not None and self.layout is not None
+        lay = self.layout
+        if prev is None and self._untouched and self._boot_state is not None:
+            return fork_state(self._boot_state)  # read at the reset point, nothing ran since
         if prev is None and self._fresh_reset and self._boot_state is not None:
-            state = read_state(self.memory, self.layout, fork_state(self._boot_state))
+            # what the reset wrote back, against the reset point's State
+            fp = Footprint(slots=self._reset_slots, all_nodes=self.shared_ram, registry_prefix=not self.shared_ram,
+                           pt_pool=(lay.pt_pool_start, lay.pt_pool_end))  # fmt: skip
+            state = read_state(self.memory, lay, fork_state(self._boot_state), footprint=fp)
             state = dataclasses.replace(state, parent=None, changed=None)
         elif prev is None:
-            state = read_state(self.memory, self.layout)
-            if self._boot_state is None:
-                self._boot_state = fork_state(state)
+            state = read_state(self.memory, lay)
         else:
             self._since_full += 1
-            verify = full or self._force_full or (self.full_every > 0 and self._since_full >= self.full_every)
+            # the footprint names the last op's writes: with several ops since prev, read all
+            verify = full or self._force_full or self._ops_since_snapshot > 1
+            verify = verify or (self.full_every > 0 and self._since_full >= self.full_every)
             fp = self.footprint()
             try:
                 # the full read compares every byte with prev's cached bytes (decoding only what
@@ -388,8 +468,8 @@ class Session:
         self._fresh_reset = self._force_full = False
         self._poked.clear()
         self._last_op = None
-        for view in (*state.vm_spaces.values(), *state.leaked.values()):
-            self.note_nodes(view.nodes)
+        self._ops_since_snapshot = 0
+        self._note_snapshot(state)
         return state
 
     def poke(self, paddr: int, data: bytes) -> None:
@@ -398,6 +478,8 @@ class Session:
         if paddr < 0 or paddr + len(data) > self.layout.ram_size:
             raise ValueError(f"poke {paddr:#x}+{len(data)} is outside guest RAM")
         self._poked.append((paddr, len(data)))  # the next snapshot reads these bytes whatever the op wrote
+        self._untouched = False
+        self._note_poke(paddr, len(data))
         if not self.shared_ram:
             self.gdb.write_memory(paddr, data)
             return

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from hil.observe.snapshot import AnomalyKind, walk_tree
 from hil.run.runner import Runner
 from hil.run.session import KERNEL_LOAD_PADDR, Session
@@ -30,24 +32,33 @@ def _ram_that_matters(s: Session) -> dict[str, bytes]:
 
 
 def _dirty(s: Session) -> None:
-    """Ops that write every kind of state, an activated user root, then a panic."""
-    vs = s.apply(m.NewVmSpace()).result.get("vs")
+    """Ops that write every kind of state, an activated user root, then a panic and an
+    exception; a snapshot after each op, as the checked run takes them."""
+    state = s.snapshot()
+
+    def do(op: m.Op) -> m.OpResult:
+        nonlocal state
+        res = s.apply(op).result
+        state = s.snapshot(state)
+        return res
+
+    vs = do(m.NewVmSpace()).get("vs")
     assert s.layout is not None
-    c = s.apply(m.OpenCursorMut(vs=vs, start=0x40_0000, end=0x4000_0000)).result.get("cursor")
+    c = do(m.OpenCursorMut(vs=vs, start=0x40_0000, end=0x4000_0000)).get("cursor")
     for k in range(3):
-        f = s.apply(m.FrameFromUnused(paddr=s.layout.data_pool_start + 4096 * k)).result.get("frame")
-        assert s.apply(m.Map(cursor=c, frame=f)).result.status == m.Status.OK
-    s.apply(m.DropCursor(cursor=c))
-    assert s.apply(m.Activate(vs=vs)).result.status == m.Status.OK
-    assert s.apply(m.Probe(va=0x40_0000, write=True, value=0x1234)).result.status == m.Status.OK
-    s.snapshot()  # the pool's high-water mark
-    assert s.apply(m.FrameFromUnused(paddr=1 << 50)).result.status in (m.Status.PANIC, m.Status.ERR)
-    assert s.apply(m.RaiseFault(kind=2)).result.status == m.Status.EXCEPTION
+        f = do(m.FrameFromUnused(paddr=s.layout.data_pool_start + 4096 * k)).get("frame")
+        assert do(m.Map(cursor=c, frame=f)).status == m.Status.OK
+    do(m.DropCursor(cursor=c))
+    assert do(m.Activate(vs=vs)).status == m.Status.OK
+    assert do(m.Probe(va=0x40_0000, write=True, value=0x1234)).status == m.Status.OK
+    assert do(m.FrameFromUnused(paddr=1 << 50)).status in (m.Status.PANIC, m.Status.ERR)
+    assert do(m.RaiseFault(kind=2)).status == m.Status.EXCEPTION
 
 
-def test_fast_reset_is_byte_identical_to_a_fresh_boot() -> None:
-    fresh = Session()
-    used = Session()
+@pytest.mark.parametrize("shared", [True, False], ids=["default", "gdb-only"])
+def test_fast_reset_is_byte_identical_to_a_fresh_boot(shared: bool) -> None:
+    fresh = Session(shared_ram=shared)
+    used = Session(shared_ram=shared)
     try:
         fresh.boot()
         want = _ram_that_matters(fresh)
@@ -76,8 +87,9 @@ def test_fast_reset_is_byte_identical_to_a_fresh_boot() -> None:
         fresh.close()
 
 
-def test_reset_state_reads_back_as_the_boot_state() -> None:
-    s = Session()
+@pytest.mark.parametrize("shared", [True, False], ids=["default", "gdb-only"])
+def test_reset_state_reads_back_as_the_boot_state(shared: bool) -> None:
+    s = Session(shared_ram=shared)
     try:
         s.boot()
         boot = s.snapshot()
