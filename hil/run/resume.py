@@ -40,17 +40,17 @@ class ResumePoint:
 def load(path: Path) -> ResumePoint:
     """The trace of an interrupted `hil run`, or a ConfigError saying why it cannot go on."""
     trace = read_trace(path)
+    h = trace.header
+    if "shrunk_from" in h or "finding" in h:
+        raise ConfigError(f"{path}: not a `hil run` trace but a minimal one; replay it instead")
+    for key, kind in (("seed", int), ("ops", int), ("image", str), ("profile", str)):
+        if not isinstance(h.get(key), kind):
+            raise ConfigError(f"{path}: not a `hil run` trace (its header has no {key})")
     status = trace.end.get("status") if trace.end else None
     if status == "complete":
         raise ConfigError(f"{path}: the run is complete; nothing to resume")
     if status is not None and status not in RESUMABLE:
         raise ConfigError(f"{path}: a trace ended {status!r} cannot be resumed")
-    h = trace.header
-    for key, kind in (("seed", int), ("ops", int), ("image", str), ("profile", str)):
-        if not isinstance(h.get(key), kind):
-            raise ConfigError(f"{path}: not a `hil run` trace (header has no {key})")
-    if "shrunk_from" in h:
-        raise ConfigError(f"{path}: a shrunk trace is not a run; replay it instead")
     return ResumePoint(path, trace)
 
 

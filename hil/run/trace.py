@@ -108,7 +108,7 @@ class TraceWriter:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh: TextIO | None = open(path, "a" if resume is not None else "w", encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
             raise TraceWriteError(f"cannot open the trace {path} for writing: {exc}") from exc
         if resume is not None:
             self._write({"type": "resume", **resume})
