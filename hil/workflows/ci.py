@@ -37,7 +37,7 @@ from hil.workflows import junit
 EXIT_OK, EXIT_NEW, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_KEYS = ("images", "profiles", "seeds", "ops", "scenarios", "replay_baseline", "baseline", "jobs",
-               "cell_timeout_s", "shrink", "shrink_timeout_s", "max_shrinks_per_cell")  # fmt: skip
+               "cell_timeout_s", "shrink", "shrink_timeout_s", "max_shrinks")  # fmt: skip
 IMAGE_KEYS = ("path", "build")
 
 
@@ -62,7 +62,7 @@ class Config:
     cell_timeout_s: float = 600.0
     shrink: bool = True
     shrink_timeout_s: float = 300.0
-    max_shrinks_per_cell: int = 3
+    max_shrinks: int = 4  # new signatures shrunk per image
     path: Path | None = None
 
     @classmethod
@@ -105,7 +105,7 @@ class Config:
         if not isinstance(names, list) or not all(isinstance(n, str) and n in SCENARIOS for n in names):
             raise ConfigError(f"{where}: scenarios must be \"all\" or a list of {list(SCENARIOS)}")
         cfg = cls(images=images, profiles=profiles, seeds=seeds, scenarios=names, path=path)
-        for key, typ in (("ops", int), ("jobs", int), ("max_shrinks_per_cell", int), ("cell_timeout_s", (int, float)),
+        for key, typ in (("ops", int), ("jobs", int), ("max_shrinks", int), ("cell_timeout_s", (int, float)),
                          ("shrink_timeout_s", (int, float)), ("replay_baseline", bool), ("shrink", bool)):  # fmt: skip
             if key in data:
                 value = data[key]
@@ -225,10 +225,6 @@ class Matrix:
         self.baseline = baseline
         self.children = Children()
         self.log = log
-        # one shrink per (image, new signature) in the whole matrix: other cases point at it
-        self._shrinks: dict[tuple[str, Signature], tuple[threading.Event, list[tuple[Path | None, str]]]] = {}
-        self._shrinks_lock = threading.Lock()
-        self._done = 0
 
     def jobs(self) -> list[Job]:
         jobs = []
@@ -245,9 +241,6 @@ class Matrix:
     def run_job(self, job: Job) -> list[CaseResult]:
         t0 = time.monotonic()
         cases = self._run_cell(job) if job.kind == "run" else self._run_scenarios(job)
-        for c in cases:
-            if c.verdict is not None and c.verdict.new and self.cfg.shrink:
-                self._shrink(job, c)
         if job.kind == "run" and cases:
             cases[0].time_s = time.monotonic() - t0
         return cases
@@ -321,40 +314,57 @@ class Matrix:
                                    "shows it on this image/profile: remove the entry (hil baseline update)")
         return cases + missing
 
-    def _shrink(self, job: Job, case: CaseResult) -> None:
-        assert case.verdict is not None and case.trace is not None
-        # the earliest finding first (later ones are often its consequences), bugs before spec clauses
-        order = sorted(case.verdict.new_signatures().items(), key=lambda kv: (kv[1].op_index, str(kv[1].kind)
-                                                                               not in ("IMPL", "TLB", "WALKER")))
-        for n, (sig, f) in enumerate(order):
-            if n >= self.cfg.max_shrinks_per_cell:
-                case.shrunk[sig] = (None, f"not shrunk (max_shrinks_per_cell = {self.cfg.max_shrinks_per_cell})")
+    def shrink_plan(self, results: list[CaseResult]) -> list[tuple[CaseResult, Signature, Any]]:
+        """Which new findings to shrink, after every cell ran: per image and new signature the
+        case where it appeared earliest (the shortest prefix to shrink: a scenario, usually),
+        earliest first and bugs before spec clauses; at most `max_shrinks` per image. The
+        other cases with that signature point at the same minimal trace."""
+        best: dict[tuple[str, Signature], tuple[CaseResult, Any]] = {}
+        for c in results:
+            if c.verdict is None or c.trace is None:
                 continue
-            key = (job.image.label, sig)
-            with self._shrinks_lock:
-                claimed = key in self._shrinks
-                if not claimed:
-                    self._shrinks[key] = (threading.Event(), [])
-                done, result = self._shrinks[key]
-            if claimed:
-                done.wait()
-                case.shrunk[sig] = result[0] if result else (None, "not shrunk")
-                continue
-            try:
-                case.shrunk[sig] = self._shrink_one(job, case, sig, f)
-            finally:
-                result.append(case.shrunk.get(sig, (None, "not shrunk")))
-                done.set()
+            for sig, f in c.verdict.new_signatures().items():
+                key = (c.image.label, sig)
+                if key not in best or f.op_index < best[key][1].op_index:
+                    best[key] = (c, f)
 
-    def _shrink_one(self, job: Job, case: CaseResult, sig: Signature, f: Any) -> tuple[Path | None, str]:
+        def rank(item: tuple[tuple[str, Signature], tuple[CaseResult, Any]]) -> tuple[int, bool, bool, str]:
+            (_label, sig), (_c, f) = item
+            # at one op: a bug before a spec clause, and a guest-vs-model difference (SLOT, RESULT,
+            # PTE...) before a clause the guest then violates because of it (Q-4, MAP-1...)
+            spec_clause = any(ch.isdigit() or ch == "-" for ch in f.clause)
+            return (f.op_index, str(f.kind) not in ("IMPL", "TLB", "WALKER"), spec_clause, " ".join(sig))
+
+        plan: list[tuple[CaseResult, Signature, Any]] = []
+        per_image: Counter[str] = Counter()
+        for (label, sig), (c, f) in sorted(best.items(), key=rank):
+            if per_image[label] < self.cfg.max_shrinks:
+                per_image[label] += 1
+                plan.append((c, sig, f))
+        return plan
+
+    def shrink_all(self, results: list[CaseResult], pool: ThreadPoolExecutor) -> None:
+        plan = self.shrink_plan(results)
+        futures = [pool.submit(self._shrink_one, c, sig, f) for c, sig, f in plan]
+        done: dict[tuple[str, Signature], tuple[Path | None, str]] = {}
+        for (c, sig, _f), fut in zip(plan, futures, strict=True):
+            done[(c.image.label, sig)] = fut.result()
+            self.log(f"shrunk {' '.join(sig)} ({c.cell} {c.name}): {done[(c.image.label, sig)][0] or 'failed'}")
+        for c in results:
+            for sig in c.verdict.new_signatures() if c.verdict is not None else ():
+                c.shrunk[sig] = done.get((c.image.label, sig),
+                                         (None, f"not shrunk (max_shrinks = {self.cfg.max_shrinks} per image)"))
+
+    def _shrink_one(self, case: CaseResult, sig: Signature, f: Any) -> tuple[Path | None, str]:
         assert case.trace is not None
         stem = case.trace.stem + ".new-" + _safe("-".join(sig))
         out = case.trace.with_name(stem + ".min.jsonl")
         log = case.trace.with_name(stem + ".shrink.log")
         argv = _py("hil.workflows.ci", "shrink-one", str(case.trace), "--op", str(f.op_index), "--kind",
-                   str(f.kind), "--clause", f.clause, "--field", f.field, "--image", str(job.image.path),
-                   "--profile", job.profile, "--out", str(out))  # fmt: skip
-        rc = self.children.run(argv, log, self.cfg.shrink_timeout_s, self._env(job))
+                   str(f.kind), "--clause", f.clause, "--field", f.field, "--image", str(case.image.path),
+                   "--profile", case.profile, "--out", str(out))  # fmt: skip
+        env = {"HIL_LOG_DIR": str(self.out / f"{case.image.label}-{Path(case.profile).stem}" / "qemu-logs")}
+        rc = self.children.run(argv, log, self.cfg.shrink_timeout_s, env)
         if rc == EXIT_OK and out.is_file():
             return (out, "")
         why = "deadline passed" if rc is None else f"shrink exited {rc}"
@@ -374,6 +384,8 @@ class Matrix:
                 self.log(f"[{n}/{len(jobs)}] {job.image.label}/{Path(job.profile).stem} {what}: "
                          + ("; ".join(bad) if bad else "ok"))
                 results += cases
+            if self.cfg.shrink:
+                self.shrink_all(results, pool)
         except BaseException:
             self.children.end_all()
             for fut in futures:
@@ -461,10 +473,8 @@ def summarize(results: list[CaseResult], baseline: Baseline) -> tuple[str, int]:
     lines.append(f"{len(results)} cases: {passed} passed, {failed} with new findings, {len(infra)} infrastructure")
     for sig, cases in sorted(new.items()):
         lines.append(f"NEW {' '.join(sig)} in {', '.join(f'{c.cell} {c.name}' for c in cases)}")
-        for c in cases:
-            path, _note = c.shrunk.get(sig, (None, ""))
-            if path:
-                lines.append(f"    minimal trace: {path}")
+        for path in sorted({str(p) for c in cases if (p := c.shrunk.get(sig, (None, ""))[0])}):
+            lines.append(f"    minimal trace: {path}")
     for c in infra:
         lines.append(f"INFRA {c.cell} {c.name}: {c.infra.splitlines()[0] if c.infra else ''}")
     lines.append("known: " + (", ".join(f"{' '.join(s)} {n}x" for s, n in sorted(known_total.items())) or "none"))
@@ -519,7 +529,7 @@ def cmd_ci(args: argparse.Namespace) -> int:
     if args.no_shrink:
         cfg.shrink = False
     if args.max_shrinks is not None:
-        cfg.max_shrinks_per_cell = args.max_shrinks
+        cfg.max_shrinks = args.max_shrinks
     if args.baseline:
         cfg.baseline = Path(args.baseline).resolve()
     baseline = Baseline.load(cfg.baseline) if cfg.baseline else Baseline()
@@ -593,7 +603,7 @@ def add_parser(subparsers: Any) -> None:
     ci.add_argument("--scenarios", help="comma-separated scenario names, or none")
     ci.add_argument("--baseline", help="baseline file instead of the config's")
     ci.add_argument("--no-shrink", action="store_true", help="do not shrink new findings")
-    ci.add_argument("--max-shrinks", type=int, metavar="N", help="new signatures shrunk per case (default: config's)")
+    ci.add_argument("--max-shrinks", type=int, metavar="N", help="new signatures shrunk per image (default: config's)")
     ci.add_argument("--no-build", action="store_true", help="do not run the images' build commands")
     ci.set_defaults(fn=cmd_ci)
     b = subparsers.add_parser("baseline", help="the baseline of known findings: update from minimal traces, show")
