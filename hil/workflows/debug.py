@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,8 @@ def cmd_debug(args: argparse.Namespace) -> int:
     name = str(trace_path)
     index = core.select_index(trace, args.at, args.finding, name)
     batch = split_batch(args.batch) if args.batch is not None else None
+    if shutil.which(GDB_BINARY) is None:
+        raise core.DebugInputError(f"{GDB_BINARY} not found on PATH (scripts/setup installs it)")
     image = Path(args.image or trace.header.get("image") or DEFAULT_IMAGE)
     profile_arg = args.profile or trace.header.get("profile", "default")
     profile = Profile.load(profile_arg)
