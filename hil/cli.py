@@ -139,10 +139,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             nonlocal findings_total, t_last
             check_interrupted()
             findings_total += len(rec.findings)
+            unknown = baseline.new_in(rec.findings) if baseline is not None and rec.findings else []
             for f in rec.findings:
                 if args.show == "all" or (args.show == "new" and f.signature() not in shown):
                     shown.add(f.signature())
-                    print(("\n" if sys.stderr.isatty() else "") + f.describe(), file=sys.stderr)
+                    # with a baseline, a finding it does not know is marked: that one fails the run
+                    mark = ("NEW " if f in unknown else "known ") if baseline is not None else ""
+                    print(("\n" if sys.stderr.isatty() else "") + mark + f.describe(), file=sys.stderr)
             now_t = time.monotonic()
             if sys.stderr.isatty() and (now_t - t_last > 0.2 or rec.index + 1 == args.ops):
                 t_last = now_t
@@ -266,7 +269,6 @@ def check_interrupted() -> None:
     at-fork hook while QEMU starts, a __del__), so the signal is remembered and acted on here."""
     if _signalled:
         raise KeyboardInterrupt(f"signal {_signalled[0]}")
-
 
 
 def _internal_error(exc: BaseException) -> str:
