@@ -136,15 +136,15 @@ class Workload:
             return m.Jump(cursor=c, va=self._choice(candidates))
         if mut and frames and w < 0.42:
             return m.Map(cursor=self._choice(mut), frame=self._choice(frames), prop=PROPS[rng.randrange(len(PROPS))])
-        if mut and w < 0.45:
+        if mut and w < 0.455:
             planned = self._subtree_unmap(state, self._choice(mut))
             if planned:
                 return planned
-        if cursors and w < 0.46:
+        if cursors and w < 0.47:
             planned = self._aimed_nav(state, cursors, mut)
             if planned:
                 return planned
-        if len(mut) > 1 and w < 0.47:
+        if len(mut) > 1 and w < 0.48:
             planned = self._share(state, mut)
             if planned:
                 return planned
@@ -272,9 +272,11 @@ class Workload:
         if w < 0.7:
             a = rng.randrange(pages)
             b = rng.randrange(a + 1, pages + 1)
+            if pages > 1 and rng.random() < 0.5:
+                a, b = 0, pages  # more than one page: each must gain its reference
             return m.SegmentSlice(segment=s, start=a * PAGE_SIZE, end=b * PAGE_SIZE)
         if uniques and w < 0.8:
-            return m.UniqueDrop(unique=self._choice(uniques)) if rng.random() < 0.5 else m.FromUnique(
+            return m.UniqueDrop(unique=self._choice(uniques)) if rng.random() < 0.4 else m.FromUnique(
                 unique=self._choice(uniques))
         if state.frames and w < 0.9:
             return m.TryFromShared(frame=self._choice(sorted(state.frames)))
@@ -286,7 +288,7 @@ class Workload:
 
     def _error_op(self, state: State) -> m.Op:
         rng = self.rng
-        pick = rng.randrange(12)
+        pick = rng.randrange(13)
         ids = state.next_ids
         ro = [c for c, cur in state.cursors.items() if not cur.mutable]
         if pick == 0:
@@ -298,14 +300,17 @@ class Workload:
         if pick == 3:
             return m.FrameFromInUse(paddr=self.layout.ram_size + PAGE_SIZE * rng.randrange(1, 9))
         if pick == 4 and state.vm_spaces:
+            busy = sorted(vs for vs, v in state.vm_spaces.items() if v.cursor)
+            if busy and rng.random() < 0.7:  # CURSOR_BUSY alone: a valid range on a borrowed space
+                return m.OpenCursorMut(vs=self._choice(busy), start=0, end=USER_VA_END)
             vs = self._choice(sorted(state.vm_spaces))
             return m.OpenCursorMut(vs=vs, start=PAGE_SIZE + 1, end=2 * PAGE_SIZE)  # CURSOR_BUSY or ACCESS_DENIED
         if pick == 5 and ro and state.frames:
             return m.Map(cursor=self._choice(sorted(ro)), frame=self._choice(sorted(state.frames)))
-        if pick == 6 and state.cursors:
+        if pick in (6, 12) and state.cursors:
             c = self._choice(sorted(state.cursors))
             # INVALID_VADDR; the barrier's end itself is the boundary an off-by-one lets through
-            return m.Jump(cursor=c, va=state.cursors[c].end + rng.choice((0, PAGE_SIZE)))
+            return m.Jump(cursor=c, va=state.cursors[c].end + (PAGE_SIZE if pick == 6 and rng.random() < 0.3 else 0))
         if pick == 7 and state.cursors and state.frames:
             c = self._choice(sorted(state.cursors))
             return m.Map(cursor=c, frame=self._choice(sorted(state.frames)), prop=PageProperty(0x20))  # BAD_ARG

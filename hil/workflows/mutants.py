@@ -104,8 +104,11 @@ def hunt(elf: Path, bug: int, seed: int, max_ops: int) -> tuple[Hunt, Runner]:
             out.ops += 1
             found = [f for f in rec.findings if f.kind in CAUGHT_KINDS]
             if found:
-                f = found[0]
-                out.first_op, out.kind, out.clause, out.field = rec.index, str(f.kind), f.clause, f.field
+                # every oracle that saw it at that op (a forgotten invlpg: the flush log and the probes)
+                kinds = dict.fromkeys(str(f.kind) for f in found)
+                clauses = dict.fromkeys(f.clause for f in found)
+                out.first_op, out.kind, out.clause, out.field = rec.index, " + ".join(kinds), " + ".join(
+                    clauses), found[0].field
                 break
     finally:
         session.close()
@@ -165,7 +168,7 @@ def table(hunts: Sequence[Hunt], seeds: Sequence[int]) -> str:
                 cells.append("yes" if h.caught else "NO")
         firsts = "/".join(str(hs[s].first_op) if s in hs and hs[s].caught else "–" for s in seeds)
         rows.append(f"| {bug} | {what} | " + " | ".join(cells) + f" | {firsts if bug else '–'} | "
-                    f"{first.kind if first else '–'} | {first.clause + ' ' + first.field if first else '–'} | "
+                    f"{first.kind if first else '–'} | {first.clause if first else '–'} | "
                     f"{first.shrunk if first and first.shrunk is not None else '–'} |")  # fmt: skip
     return "\n".join(rows)
 
