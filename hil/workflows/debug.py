@@ -121,7 +121,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
                                    f"{session.elf.build_id}: debug it with that image (--image)")  # fmt: skip
     op = trace.records[index].event
     assert isinstance(op, m.Op)  # select_index refuses a Poke
-    functions = core.implementing_functions(type(op), GUEST_SRC)
+    core.implementing_functions(type(op), GUEST_SRC)  # no guest source / dispatcher: say so before booting
     gdb_proc: subprocess.Popen[bytes] | None = None
     # the terminal closed: end gdb and QEMU as on SIGTERM (hil's main handles the interrupt)
     old_hup = signal.signal(signal.SIGHUP, _hang_up)
@@ -170,7 +170,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
             trace=str(trace_path.resolve()), index=index, seq=seq, image=str(image.resolve()),
             src_dir=str(GUEST_SRC), shm_path=str(machine.shm_path), ram_size=layout.ram_size,
             layout=dataclasses.asdict(layout), op_done=session.elf.symbol("hil_op_done"),
-            exception_handler=session.elf.symbol("exception_handler"), functions=functions,
+            exception_handler=session.elf.symbol("exception_handler"),
             state_pickle=str(pickle_path), gdb_socket=str(machine.gdb_socket),
         )  # fmt: skip
         ctx_path = machine.run_dir / "debug-context.json"

@@ -421,7 +421,6 @@ class Context:
     layout: dict[str, int]
     op_done: int
     exception_handler: int
-    functions: list[str]
     state_pickle: str
     gdb_socket: str
 

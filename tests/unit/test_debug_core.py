@@ -246,6 +246,6 @@ def test_ops_listing_marks_the_op_in_progress() -> None:
 def test_context_round_trips_through_json() -> None:
     lay = abi.Layout(**{name: i for i, name in enumerate(abi.LAYOUT_FIELDS)})
     ctx = core.Context("t.jsonl", 3, 9, "k.elf", "guest", "/dev/shm/x", 64 << 20, dataclasses.asdict(lay), 0x10,
-                       0x20, ["dispatch"], "s.pickle", "gdb.sock")  # fmt: skip
+                       0x20, "s.pickle", "gdb.sock")  # fmt: skip
     again = core.Context.from_json(ctx.to_json())
     assert again == ctx and again.abi_layout() == lay
