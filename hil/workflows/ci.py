@@ -1,7 +1,7 @@
 """`hil ci`: a matrix of guest images x machine profiles x seeds (plus the fixed scenario suite
 and the baseline's own minimal traces) from a small TOML file, judged against a baseline of
-known findings. Exit 0 (only known findings), 1 (a new finding), 2 (infrastructure: a cell
-could not run; never a finding). JUnit XML: one test case per matrix cell and scenario.
+known findings. Exit 0 (only known findings), 1 (a new finding; it outranks the rest),
+2 (infrastructure: a cell could not run; never a finding). JUnit XML: one test case per matrix cell and scenario.
 
 Every cell is its own `hil` subprocess with its own QEMU (PR_SET_PDEATHSIG follows the
 thread that started a process, so QEMU is never started from a pool thread here), up to
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,8 @@ class Matrix:
         trace = d / f"seed-{job.seed}.jsonl"
         logf = d / f"seed-{job.seed}.log"
         case = CaseResult(f"seed {job.seed} ({self.cfg.ops} ops)", job.image, job.profile, trace)
+        for old in d.glob(f"seed-{job.seed}.*") if d.is_dir() else ():
+            old.unlink()  # an earlier run's files in the same --out never pass for this one's
         argv = _py("hil.cli", "run", "--ops", str(self.cfg.ops), "--seed", str(job.seed), "--image",
                    str(job.image.path), "--profile", job.profile, "--trace", str(trace), "--show", "none")  # fmt: skip
         rc = self.children.run(argv, logf, self.cfg.cell_timeout_s, self._env(job))
@@ -271,6 +274,8 @@ class Matrix:
 
         d = self.out / job.dirname / "scenarios"
         logf = self.out / job.dirname / "scenarios.log"
+        shutil.rmtree(d, ignore_errors=True)  # an earlier run's traces never pass for this one's
+        logf.unlink(missing_ok=True)
         replays = []
         missing: list[CaseResult] = []
         if self.cfg.replay_baseline:
