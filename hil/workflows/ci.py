@@ -555,9 +555,12 @@ def cmd_ci(args: argparse.Namespace) -> int:
     bad = [n for n in cfg.scenarios if n not in SCENARIOS]
     if bad:
         raise ConfigError(f"unknown scenario(s) {bad} (known: {list(SCENARIOS)})")
+    from hil.target.elf import GuestElf
+
     for image in cfg.images:
         if not image.path.is_file():
             raise ConfigError(f"image {image.label}: {image.path} not found (build it, or give its build argv)")
+        GuestElf(image.path)  # an image without the ABI symbols: one line naming them, before any cell
     for p in cfg.profiles:
         from hil.target.machine import Profile
 

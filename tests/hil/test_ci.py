@@ -162,6 +162,9 @@ def test_an_image_without_an_abi_symbol_or_of_another_abi_version_is_one_line_na
     res = hil("run", "--ops", "1", "--image", str(stripped), "--trace", str(tmp_path / "t.jsonl"))
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "hil_op_done" in res.stderr, res.stderr
+    res = hil("ci", "--config", str(SHIPPED_CONFIG), "--no-build", "--image", str(stripped), "--out", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"hil: {stripped}: guest image lacks the ABI symbol(s) hil_op_done"], res.stderr
     # another ABI version in the guest's layout block: refused, naming both versions
     s = Session()
     s.boot()
