@@ -91,6 +91,14 @@ def dask_run_shrink(spec: ShrinkSpec) -> ShrinkResult:
     return run_shrink(spec)
 
 
+def dask_setup(worker: Any) -> None:
+    """Dask preload of the local cluster's worker processes: die with `hil nightly`, even when
+    it is killed (SIGKILL gives it no chance to close the cluster)."""
+    from hil.target.proc import die_with_parent
+
+    die_with_parent()
+
+
 # --- the night's state on disk ----------------------------------------------------------------
 
 
@@ -288,12 +296,13 @@ class Coordinator:
         self.interrupted = False
 
     # groups and shrinking
-    def _new_groups(self, r: ChunkResult) -> list[tuple[str, str, dict[str, Any]]]:
-        """(group key, clause, first finding) of root causes in `r` not in the baseline and not
-        shrunk (or being shrunk) tonight."""
+    def _new_groups(self, r: ChunkResult) -> list[tuple[str, str, list[str]]]:
+        """(group key, clause, facet keys) of root causes in `r` not in the baseline and not
+        shrunk (or being shrunk) tonight. New signatures that first show at one op are facets
+        of one violation: the first is minimised, the others share its minimal trace."""
         from hil.workflows.report import root_signatures
 
-        out = []
+        by_op: dict[int, list[tuple[str, str]]] = {}
         for d, sig in zip(r.findings, root_signatures(r.findings, self.known), strict=True):
             if isinstance(d.get("caused_by"), int):
                 continue
@@ -301,8 +310,13 @@ class Coordinator:
             if sig in self.known or key in self.night.shrinks or key in self.shrinking:
                 continue
             self.shrinking.add(key)
-            out.append((key, sig[1], d))
-        return out
+            by_op.setdefault(int(d.get("op_index", -1)), []).append((key, sig[1]))
+        return [(lead[0], lead[1], [k for k, _ in rest]) for lead, *rest in by_op.values()]
+
+    def _shrink_new(self, client: Any, futs: dict[Any, str], r: ChunkResult) -> None:
+        for key, clause, facets in self._new_groups(r):
+            self.facets[key] = facets
+            self._submit_shrink(client, futs, key, clause, r)
 
     def summary(self, status: str) -> dict[str, Any]:
         return build_summary(list(self.night.results.values()), meta={**self.meta, "status": status},
@@ -316,6 +330,7 @@ class Coordinator:
         opts, night = self.opts, self.night
         scale = timeout_scale()
         self.shrinking: set[str] = set()
+        self.facets: dict[str, list[str]] = {}  # lead key -> the keys minimised with it
         leg = {"started": time.time(), "workers": opts.workers, "scheduler": opts.scheduler or "local"}
         night.legs.append(leg)
         budget_left = opts.budget_s - night.spent_s
@@ -335,7 +350,7 @@ class Coordinator:
                 else:
                     cluster = LocalCluster(
                         n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                        memory_limit=0, silence_logs=logging.ERROR,
+                        memory_limit=0, silence_logs=logging.ERROR, preload=["hil.workflows.nightly"],
                     )  # fmt: skip
                     client = Client(cluster)
             client.wait_for_workers(1, timeout=WORKER_WAIT_S * scale)
@@ -349,8 +364,7 @@ class Coordinator:
             next_index = night.next_index()
             # findings of earlier legs whose shrink never finished
             for r in night.results.values() if opts.shrink else ():
-                for key, clause, _ in self._new_groups(r):
-                    self._submit_shrink(client, shrink_futs, key, clause, r)
+                self._shrink_new(client, shrink_futs, r)
 
             def submit(spec: ChunkSpec) -> None:
                 fut = client.submit(dask_run_chunk, spec, self.topic, self.stop_name,
@@ -368,6 +382,13 @@ class Coordinator:
                         submit(self._spec(cid, opts.seed + next_index, deadline, 1))
                         next_index += 1
                 if not chunk_futs and not shrink_futs:
+                    break
+                if not chunk_futs and time.time() > deadline + opts.shrink_timeout_s * scale:
+                    # the night is over: minimisations still queued or running are given up
+                    for fut, key in list(shrink_futs.items()):
+                        fut.cancel()
+                        self._record_shrink(key, {"ok": False, "error": "not minimised: the night's time ran out"})
+                    shrink_futs.clear()
                     break
                 done = [f for f in [*chunk_futs, *shrink_futs] if f.done()]
                 if not done:
@@ -397,8 +418,7 @@ class Coordinator:
                             continue  # a redo of an interrupted chunk failed: the earlier part still counts
                     night.record(r)
                     if opts.shrink and r.counted:
-                        for key, clause, _ in self._new_groups(r):
-                            self._submit_shrink(client, shrink_futs, key, clause, r)
+                        self._shrink_new(client, shrink_futs, r)
                 s = self._counts()
                 progress.update(s[0], deadline - time.time(), s[1], s[2], s[3], self.lost_chunks)
             status = "complete"
@@ -457,10 +477,16 @@ class Coordinator:
             path = self.night.out / rel
             path.write_text(res.trace_text, encoding="utf-8")
             outcome["trace"] = rel
-            # the minimal trace ends at the op that shows the finding (shrink keeps nothing after it)
-            outcome["debug"] = f"hil debug {shlex.quote(str(path))} --finding {max(res.events - 1, 0)}"
+            # a minimal trace holds its one finding (K = 0) at its last op
+            outcome["debug"] = f"hil debug {shlex.quote(str(path))} --finding 0"
+        self._record_shrink(key, outcome)
+
+    def _record_shrink(self, key: str, outcome: dict[str, Any]) -> None:
         self.night.record_shrink(key, outcome)
         self.shrinking.discard(key)
+        for facet in self.facets.pop(key, []):
+            self.night.record_shrink(facet, {**outcome, "facet_of": key})
+            self.shrinking.discard(facet)
 
     def _counts(self) -> tuple[int, int, int, int]:
         from hil.workflows.report import counted, group_findings

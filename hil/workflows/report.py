@@ -50,6 +50,7 @@ class Group:
     first_chunk: str = ""
     first_op: int = 0
     first_seen: float = 0.0  # when the chunk that first showed it reported (wall clock)
+    first_k: int = -1  # its position among the op findings of its chunk's trace (`hil debug --finding K`)
     consequences: int = 0  # occurrences with caused_by set (a consequence of an earlier finding)
     example: str = ""  # Finding.describe() of the first occurrence
 
@@ -89,12 +90,14 @@ def root_signatures(findings: Sequence[dict[str, Any]], known: set[Signature]) -
 def group_findings(results: Sequence[ChunkResult], known: set[Signature] | None = None) -> dict[Signature, Group]:
     groups: dict[Signature, Group] = {}
     for r in sorted(counted(results), key=lambda r: r.finished):
+        k = 0  # boot-state findings (op -1, from the trace's "booted" note) are not op findings
         for d, sig in zip(r.findings, root_signatures(r.findings, known or set()), strict=True):
             f = Finding.from_json(d)
             g = groups.get(sig)
             if g is None:
                 g = groups[sig] = Group(sig, first_chunk=r.chunk_id, first_op=f.op_index, first_seen=r.finished,
-                                        example=f.describe())  # fmt: skip
+                                        first_k=k if f.op_index >= 0 else -1, example=f.describe())  # fmt: skip
+            k += f.op_index >= 0
             g.count += 1
             g.chunks.add(r.chunk_id)
             if isinstance(d.get("caused_by"), int):
@@ -163,11 +166,16 @@ def build_summary(
         }  # fmt: skip
         if previous is not None:
             entry["since_previous"] = "unchanged" if key in prev_groups else "new"
+        if g.first_k >= 0:
+            # the chunk's whole trace until a minimal one exists (or if minimising failed)
+            entry["debug"] = f"hil debug {out_dir / entry['chunk_trace']} --finding {g.first_k}"
         sh = shrinks.get(key)
         if sh:
             entry["minimal_trace"] = sh.get("trace", "")
             entry["minimal_events"] = sh.get("events", 0)
-            entry["debug"] = sh.get("debug", "")
+            entry["debug"] = sh.get("debug") or entry.get("debug", "")
+            if sh.get("facet_of"):
+                entry["facet_of"] = sh["facet_of"]  # first seen at the same op: one minimal trace
             if not sh.get("ok"):
                 entry["shrink_error"] = sh.get("error", "")
         findings.append(entry)

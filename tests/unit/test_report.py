@@ -58,6 +58,9 @@ def test_summary_counts_and_groups():
     # first seen in the chunk that reported first (c00001 ended at 1008)
     assert groups["IMPL SLOT rc"]["first_chunk"] == "c00001" and groups["IMPL SLOT rc"]["first_op"] == 3
     assert groups["SPEC Q-3 slot"]["status"] == "consequence"
+    # K counts the op findings of the chunk's trace: c00001's first one is IMPL SLOT rc
+    assert groups["IMPL SLOT rc"]["debug"] == "hil debug /n/traces/c00001.jsonl --finding 0"
+    assert groups["SPEC MAP-2 slot"]["debug"] == "hil debug /n/traces/c00000.jsonl --finding 0"
     assert (t["new"], t["known"], t["consequence"]) == (1, 1, 1)
     assert s["ops_by_kind"] == {"Map": 178, "Query": 2}
     assert s["outcomes"]["Query"] == {"ERR": 2}
@@ -124,7 +127,7 @@ class _Collect(HTMLParser):
 
 def test_html_is_self_contained_with_decodable_plots(tmp_path):
     shrinks = {"IMPL SLOT rc": {"ok": True, "trace": "regressions/IMPL-SLOT-rc.jsonl", "events": 3,
-                                "debug": "hil debug /n/regressions/IMPL-SLOT-rc.jsonl --finding 2"}}  # fmt: skip
+                                "debug": "hil debug /n/regressions/IMPL-SLOT-rc.jsonl --finding 0"}}  # fmt: skip
     s = build_summary(night_results(), meta={"status": "complete"}, shrinks=shrinks, known=KNOWN, previous=None,
                       out_dir=tmp_path)  # fmt: skip
     write_report(tmp_path, s)
@@ -137,7 +140,7 @@ def test_html_is_self_contained_with_decodable_plots(tmp_path):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert p.rows["findings"] == 1 + len(s["findings"])  # the header row + one per root cause
-    assert "hil debug /n/regressions/IMPL-SLOT-rc.jsonl --finding 2" in page
+    assert "hil debug /n/regressions/IMPL-SLOT-rc.jsonl --finding 0" in page
     assert json.loads((tmp_path / "summary.json").read_text())["totals"] == s["totals"]
     assert not list(tmp_path.glob("*.tmp"))
     assert render_html(s) == page
