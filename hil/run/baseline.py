@@ -173,37 +173,51 @@ class Baseline:
         """The findings of ONE op that are new (what `--stop-on-finding new` stops on)."""
         return self.compare(findings, report_fixed=False).new
 
+    def judge(self, findings: Iterable[Finding]) -> list[tuple[Finding, str, Signature]]:
+        """Each finding with its verdict — "known", "consequence" or "new" — and the signature
+        of the group it counts under (a known facet: the known signature it joins). A SPEC or
+        INVARIANT finding whose clause fails at the same op under a known signature is another
+        facet of that one violation (e.g. U-NEW names the slot and the `uniques` map in one op):
+        known. A finding with `caused_by`, and a SPEC `inv:X` finding beside the INVARIANT X
+        finding of the same op, are consequences: never new by themselves."""
+        found = list(findings)
+        known_at: dict[tuple[int, str, str], Signature] = {}
+        invariants_at: set[tuple[int, str]] = set()
+        for f in found:
+            if signature(f) in self.entries:
+                known_at.setdefault((f.op_index, str(f.kind), f.clause), signature(f))
+            if f.kind == Kind.INVARIANT:
+                invariants_at.add((f.op_index, f.clause))
+        out = []
+        for f in found:
+            sig = signature(f)
+            if sig in self.entries:
+                out.append((f, "known", sig))
+            elif caused_by(f) is not None:
+                out.append((f, "consequence", sig))
+            elif f.kind == Kind.SPEC and f.field.startswith("inv:") and (f.op_index, f.field[4:]) in invariants_at:
+                # the axiom's A.inv conjunct fails because invariant X broke at this very op:
+                # the INVARIANT X finding beside it is the root cause, judged on its own
+                out.append((f, "consequence", sig))
+            elif str(f.kind) in SPEC_LIKE and (f.op_index, str(f.kind), f.clause) in known_at:
+                out.append((f, "known", known_at[(f.op_index, str(f.kind), f.clause)]))
+            else:
+                out.append((f, "new", sig))
+        return out
+
     def compare(self, findings: Iterable[Finding], *, report_fixed: bool = True) -> Verdict:
-        """Sort a run's findings into new / known / consequences. A SPEC or INVARIANT finding
-        whose clause fails at the same op under a known signature is another facet of that one
-        violation (e.g. U-NEW names the slot and the `uniques` map in one op): known. A finding
-        with `caused_by`, and a SPEC `inv:X` finding beside the INVARIANT X finding of the same
-        op, are consequences: never new by themselves."""
+        """A run's findings sorted into new / known / consequences (see `judge`), and the
+        entries the run never met (`fixed`)."""
         verdict = Verdict()
-        by_op: dict[int, list[Finding]] = {}
-        for f in findings:
-            by_op.setdefault(f.op_index, []).append(f)
-        seen: set[Signature] = set()
-        for op_findings in by_op.values():
-            known_here = {(f.kind, f.clause): signature(f) for f in op_findings if signature(f) in self.entries}
-            invariants_here = {f.clause for f in op_findings if f.kind == Kind.INVARIANT}
-            for f in op_findings:
-                sig = signature(f)
-                if sig in self.entries:
-                    verdict.known[sig] += 1
-                    seen.add(sig)
-                elif caused_by(f) is not None:
-                    verdict.consequences += 1
-                elif f.kind == Kind.SPEC and f.field.startswith("inv:") and f.field[4:] in invariants_here:
-                    # the axiom's A.inv conjunct fails because invariant X broke at this very op:
-                    # the INVARIANT X finding beside it is the root cause, judged on its own
-                    verdict.consequences += 1
-                elif str(f.kind) in SPEC_LIKE and (f.kind, f.clause) in known_here:
-                    verdict.known[known_here[(f.kind, f.clause)]] += 1
-                else:
-                    verdict.new.append(f)
+        for f, status, sig in self.judge(findings):
+            if status == "known":
+                verdict.known[sig] += 1
+            elif status == "consequence":
+                verdict.consequences += 1
+            else:
+                verdict.new.append(f)
         if report_fixed:
-            verdict.fixed = [e for k, e in sorted(self.entries.items()) if k not in seen]
+            verdict.fixed = [e for k, e in sorted(self.entries.items()) if k not in verdict.known]
         return verdict
 
 

@@ -168,3 +168,14 @@ def test_an_axioms_inv_conjunct_beside_its_invariant_finding_is_a_consequence() 
     assert [f.clause for f in v.new] == ["A3"]
     # without the invariant finding at that op, the conjunct is judged on its own
     assert not b.compare([spec(7, "MAP-1", "inv:S7")]).passed
+
+
+def test_judge_gives_each_finding_its_verdict_and_group() -> None:
+    b = baseline(("SPEC", "U-NEW", "slot"), ("INVARIANT", "A3", "slot"))
+    found = [spec(4, "U-NEW", "rc,vt,sto"), spec(4, "U-NEW", "uniques", slot=None), spec(7, "MAP-1", "inv:A3"),
+             spec(7, "A3", "rc", Kind.INVARIANT), spec(9, "SLOT", "rc", Kind.IMPL)]  # fmt: skip
+    assert [(status, sig) for _f, status, sig in b.judge(found)] == [
+        ("known", ("SPEC", "U-NEW", "slot")), ("known", ("SPEC", "U-NEW", "slot")),
+        ("consequence", ("SPEC", "MAP-1", "inv")), ("known", ("INVARIANT", "A3", "slot")),
+        ("new", ("IMPL", "SLOT", "rc")),
+    ]  # fmt: skip
