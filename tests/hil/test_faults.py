@@ -493,3 +493,52 @@ def test_three_runs_at_once_do_not_talk_to_each_other(tmp_path: Path) -> None:
     assert len(first) == 150
     for t in traces[1:]:
         assert [(r.event, r.result, [f.signature() for f in r.findings]) for r in t.records] == first
+
+
+# --- hil ci and hil nightly under signals -----------------------------------------------------
+def _traces_under(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.jsonl"))
+
+
+def _wait_for_ops(root: Path, n: int, what: str, seconds: float = 120.0) -> None:
+    wait_for(lambda: any(trace_events(t) >= n for t in _traces_under(root)), what, seconds)
+
+
+def test_hil_ci_ends_cleanly_on_a_signal(tmp_path: Path) -> None:
+    """SIGTERM (SIGINT takes the same path in `hil`'s main) while the cells run."""
+    sig = signal.SIGTERM
+    tag = new_tag()
+    out = tmp_path / "ci"
+    with census(tag):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hil.cli", "ci", "--config", str(REPO / "docs/ci/hil-ci.toml"),
+             "--image", str(REPO / "guest/build/kernel.elf"), "--profile", "default", "--seeds", "1,2",
+             "--ops", "100000", "--scenarios", "none", "--no-build", "--no-shrink", "--out", str(out)],
+            cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _wait_for_ops(out, 1 + random.Random(sig).randrange(40), "a cell's first ops")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60 * timeout_scale())
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    for t in _traces_under(out):
+        trace = read_trace(t)
+        assert trace.end is None or trace.end["status"] in ("interrupted", "complete"), (t, trace.end)
+
+
+@pytest.mark.skipif(not os.environ.get("HIL_SLOW_TESTS"), reason="~50 s (a Dask cluster starts): HIL_SLOW_TESTS=1")
+def test_hil_nightly_ends_cleanly_on_sigint(tmp_path: Path) -> None:
+    tag = new_tag()
+    out = tmp_path / "night"
+    with census(tag):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hil.cli", "nightly", "--budget", "10m", "--workers", "1", "--out", str(out),
+             "--no-shrink", "--chunk-ops", "2000", "--progress-interval", "1"],
+            cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _wait_for_ops(out, 20, "the first chunk's ops")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120 * timeout_scale())
+    assert proc.returncode == 130, err
+    for t in _traces_under(out / "traces"):
+        read_trace(t)  # every line whole
