@@ -8,8 +8,9 @@ and Dask runs tasks on threads. The subprocess dies with the thread that waits f
 PDEATHSIG), and its QEMU and gdb die with it. The result carries the whole trace back, so the
 coordinator needs no shared filesystem.
 
-`run_shrink(ShrinkSpec) -> ShrinkResult` is the same for minimising one finding
-(`hil shrink TRACE --clause C --out F` in a subprocess).
+`run_shrink(ShrinkSpec) -> ShrinkResult` is the same for minimising one finding: exactly its
+signature at its op (`python -m hil.workflows.ci shrink-one`, the shrinker `hil ci` uses, in a
+subprocess; `hil shrink --clause` would take the clause's first finding, whatever its field).
 """
 
 from __future__ import annotations
@@ -254,9 +255,9 @@ def run_chunk(
 
 @dataclass(frozen=True)
 class ShrinkSpec:
-    group: str  # the root-cause key, "KIND CLAUSE FIELD"
-    clause: str
-    trace_text: str  # the chunk trace holding the finding
+    group: str  # the root-cause key, "KIND CLAUSE FIELD-CLASS"
+    finding: dict[str, Any]  # the occurrence to minimise (Finding.to_json(): kind, clause, field, op_index)
+    trace_text: str  # the chunk trace holding it
     image: str
     profile: str = "default"
     timeout_s: float = 600.0
@@ -281,8 +282,10 @@ def run_shrink(spec: ShrinkSpec) -> ShrinkResult:
     with tempfile.TemporaryDirectory(prefix="hil-shrink-") as tmp:
         src, out = Path(tmp) / "chunk.jsonl", Path(tmp) / "min.jsonl"
         src.write_text(spec.trace_text, encoding="utf-8")
-        argv = [sys.executable, "-m", "hil.cli", "shrink", str(src), "--clause", spec.clause, "--out", str(out),
-                "--image", spec.image, "--profile", spec.profile]  # fmt: skip
+        f = spec.finding
+        argv = [sys.executable, "-m", "hil.workflows.ci", "shrink-one", str(src), "--op", str(f["op_index"]),
+                "--kind", str(f["kind"]), "--clause", str(f["clause"]), "--field", str(f["field"]),
+                "--image", spec.image, "--profile", spec.profile, "--out", str(out)]  # fmt: skip
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 preexec_fn=die_with_parent)  # fmt: skip
         try:
@@ -296,7 +299,7 @@ def run_shrink(spec: ShrinkSpec) -> ShrinkResult:
         text = out.read_text(encoding="utf-8") if out.exists() else ""
         if not text:
             tail = output.decode(errors="replace").strip()[-800:]
-            return ShrinkResult(spec.group, False, error=f"hil shrink exited {proc.returncode}: {tail}",
+            return ShrinkResult(spec.group, False, error=f"shrink-one exited {proc.returncode}: {tail}",
                                 elapsed_s=time.monotonic() - t0, worker=worker)  # fmt: skip
         events = sum(1 for line in text.splitlines() if '"type": "event"' in line)
         return ShrinkResult(spec.group, True, events, text, elapsed_s=time.monotonic() - t0, worker=worker)

@@ -296,13 +296,13 @@ class Coordinator:
         self.interrupted = False
 
     # groups and shrinking
-    def _new_groups(self, r: ChunkResult) -> list[tuple[str, str, list[str]]]:
-        """(group key, clause, facet keys) of root causes in `r` not in the baseline and not
+    def _new_groups(self, r: ChunkResult) -> list[tuple[str, dict[str, Any], list[str]]]:
+        """(group key, its first finding, facet keys) of root causes in `r` not in the baseline and not
         shrunk (or being shrunk) tonight. New signatures that first show at one op are facets
         of one violation: the first is minimised, the others share its minimal trace."""
         from hil.workflows.report import root_signatures
 
-        by_op: dict[int, list[tuple[str, str]]] = {}
+        by_op: dict[int, list[tuple[str, dict[str, Any]]]] = {}
         for d, sig in zip(r.findings, root_signatures(r.findings, self.known), strict=True):
             if isinstance(d.get("caused_by"), int):
                 continue
@@ -310,13 +310,15 @@ class Coordinator:
             if sig in self.known or key in self.night.shrinks or key in self.shrinking:
                 continue
             self.shrinking.add(key)
-            by_op.setdefault(int(d.get("op_index", -1)), []).append((key, sig[1]))
+            if int(d.get("op_index", -1)) < 0:
+                continue  # a boot-state finding: there is no op sequence to minimise
+            by_op.setdefault(int(d["op_index"]), []).append((key, d))
         return [(lead[0], lead[1], [k for k, _ in rest]) for lead, *rest in by_op.values()]
 
     def _shrink_new(self, client: Any, futs: dict[Any, str], r: ChunkResult) -> None:
-        for key, clause, facets in self._new_groups(r):
+        for key, finding, facets in self._new_groups(r):
             self.facets[key] = facets
-            self._submit_shrink(client, futs, key, clause, r)
+            self._submit_shrink(client, futs, key, finding, r)
 
     def summary(self, status: str) -> dict[str, Any]:
         return build_summary(list(self.night.results.values()), meta={**self.meta, "status": status},
@@ -457,9 +459,10 @@ class Coordinator:
             return ChunkResult(spec.chunk_id, spec.seed, spec.ops, spec.attempt, "worker-lost",
                                error=f"{type(exc).__name__}: {exc}", finished=time.time())  # fmt: skip
 
-    def _submit_shrink(self, client: Any, futs: dict[Any, str], key: str, clause: str, r: ChunkResult) -> None:
+    def _submit_shrink(self, client: Any, futs: dict[Any, str], key: str, finding: dict[str, Any],
+                       r: ChunkResult) -> None:  # fmt: skip
         text = r.trace_text or (self.night.out / "traces" / f"{r.chunk_id}.jsonl").read_text(encoding="utf-8")
-        spec = ShrinkSpec(key, clause, text, str(self.opts.image), self.opts.profile, self.opts.shrink_timeout_s)
+        spec = ShrinkSpec(key, finding, text, str(self.opts.image), self.opts.profile, self.opts.shrink_timeout_s)
         futs[client.submit(dask_run_shrink, spec, key=f"hil-shrink-{slug(key.split())}-{secrets.token_hex(3)}",
                            pure=False)] = key  # fmt: skip
         print(f"nightly: new root cause {key} (chunk {r.chunk_id}); minimising it", file=sys.stderr, flush=True)
