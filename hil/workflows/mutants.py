@@ -106,9 +106,10 @@ def hunt(elf: Path, bug: int, seed: int, max_ops: int) -> tuple[Hunt, Runner]:
             if found:
                 # every oracle that saw it at that op (a forgotten invlpg: the flush log and the probes)
                 kinds = dict.fromkeys(str(f.kind) for f in found)
-                clauses = dict.fromkeys(f.clause for f in found)
-                out.first_op, out.kind, out.clause, out.field = rec.index, " + ".join(kinds), " + ".join(
-                    clauses), found[0].field
+                clauses = list(dict.fromkeys(f.clause for f in found))
+                clauses = clauses[:3] + (["..."] if len(clauses) > 3 else [])
+                out.first_op, out.kind, out.clause, out.field = (rec.index, " + ".join(kinds),
+                                                                  " + ".join(clauses), found[0].field)
                 break
     finally:
         session.close()
