@@ -150,3 +150,21 @@ def test_a_walker_that_misreads_one_flag_bit_is_caught_by_qemu() -> None:
     assert found and found[0].op_index == 4, [f.describe() for f in found]
     assert {(f.clause, f.va) for f in found} == {("QEMU", 0)}, [f.describe() for f in found]
     assert found[0].guest is not None and "C" in found[0].guest.split()[-1]
+
+
+def test_the_guest_lends_cr3_to_the_qemu_oracle_only_while_stopped() -> None:
+    session = Session()
+    runner = Runner(session, qemu_every=1)
+    try:
+        runner.start()
+        assert session.layout is not None
+        for _, op in scenario(session.layout.data_pool_start)[:5]:
+            runner.step(op)
+        assert runner.state is not None
+        root = runner.state.vm_spaces[1].root
+        assert session.cr3() & ~0xFFF == root  # lent after the sampled op: QEMU walked vs 1
+        runner.qemu = None  # the next op is not sampled: the guest takes its own CR3 back
+        runner.step(m.Nop(value=7))
+        assert session.cr3() & ~0xFFF == session.layout.kernel_root
+    finally:
+        session.close()
