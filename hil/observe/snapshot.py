@@ -1094,6 +1094,8 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         old_view = (prev.vm_spaces if key[0] == "vs" else prev.leaked).get(vs) if prev is not None else None
         if (old_t is not None and old_view is not None and old_t.infos.keys() == trees[key].infos.keys()
                 and all(old_t.infos[p] is i for p, i in trees[key].infos.items())):  # fmt: skip
+            if old_view.root == root & ADDR_MASK and old_view.cursor == cursor:
+                return old_view  # unchanged: the same object (cheap equality, caches keep)
             nodes = old_view.nodes  # type: ignore[assignment]  # unchanged tree: share prev's dict
         return VmSpaceView(vs, root & ADDR_MASK, nodes, cursor)
 

@@ -81,6 +81,8 @@ class Session:
     # every Nth snapshot also reads everything and reports what the footprints missed (0: never;
     # 1: every op, for tests)
     full_every: int = 200
+    # the exec the caller's model follows (abi.EXEC_NAMES); None: whatever the image was built for
+    exec_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
@@ -105,6 +107,7 @@ class Session:
         self._unrestorable = False  # a poke where the reset point's bytes are not kept: reboot
         self._reset_slots: frozenset[int] = frozenset()
         self._untouched = False  # nothing ran since the reset point was read
+        self._reset_status = m.Status.READY
         self._ops_since_snapshot = 0  # ops no snapshot has looked at (their writes are unknown)
         self._poked: list[tuple[int, int]] = []  # (paddr, size) written by poke() since the last snapshot
         self._last_op: m.Op | None = None
@@ -168,6 +171,7 @@ class Session:
         lay = self.layout
         self._boot_state = fork_state(state)
         self._boot_meta, self._boot_registry = cached_bytes(state)
+        self._reset_status = self.response().status  # READY at boot
         self._reset_pt_high = max(self._pt_high, lay.pt_pool_start)
         self._clear_dirty()
         self._untouched = True
@@ -285,8 +289,8 @@ class Session:
         self._fresh_reset = True
         self._ops_since_snapshot = 0
         resp = self.response()
-        if resp.status != m.Status.READY:
-            raise self._infra(f"after the reset the mailbox says {resp.status.name}, not READY")
+        if resp.status != self._reset_status:
+            raise self._infra(f"after the reset the mailbox says {resp.status.name}, not {self._reset_status.name}")
         self.seq = resp.seq
         self.resets += 1
 
@@ -308,17 +312,6 @@ class Session:
             finally:
                 if machine is not None:
                     machine.stop()
-
-    def release_debugger(self) -> None:
-        """Hand QEMU's gdb stub (one client at a time) to another debugger (`hil debug`): our
-        client disconnects without resuming the guest and ends; the memory reader and QEMU stay
-        until close()."""
-        gdb, self.gdb = self.gdb, None
-        if gdb is not None:
-            try:
-                gdb.disconnect()
-            finally:
-                gdb.close()
 
     def __enter__(self) -> Session:
         self.boot()
@@ -358,6 +351,10 @@ class Session:
         if not profile_ram - (1 << 20) <= layout.ram_size <= profile_ram:
             mib = self.profile.memory_mib
             raise AbiError(f"guest reports {layout.ram_size:#x} bytes of RAM, profile has {mib} MiB")
+        if self.exec_name is not None and layout.exec_name != self.exec_name:
+            raise AbiError(f"{self.image} is an EXEC={layout.exec_name} build; exec {self.exec_name} needs an "
+                           f"EXEC={self.exec_name} build (make -C guest EXEC={self.exec_name} "
+                           f"B=build-{self.exec_name})")
         return layout
 
     def mailbox(self) -> bytes:

@@ -152,3 +152,28 @@ def test_kernel_tables_unchanged_by_reset(fresh: Session) -> None:
     assert fresh.memory is not None and fresh.layout is not None
     nodes = walk_tree(fresh.memory, fresh.layout.kernel_root, user_half=False).nodes
     assert fresh.layout.kernel_root in nodes and len(nodes) > 2
+
+
+def test_reset_returns_to_a_marked_reset_point() -> None:
+    from hil.workflows.bench import prepare_mappings
+
+    s = Session()
+    try:
+        s.boot()
+        prepare_mappings(s, 20)
+        marked = s.snapshot()
+        s.mark_reset_point(marked)
+        want = _ram_that_matters(s)
+        state = s.snapshot(marked)
+        for op in (m.NewVmSpace(), m.RaiseFault(kind=1)):
+            s.apply(op)
+            state = s.snapshot(state)
+        s.reset()
+        assert s.boots == 1 and s.resets == 1
+        again = s.snapshot()
+        assert sum(len(v.mappings()) for v in again.vm_spaces.values()) == 20
+        assert again.slots == marked.slots and again.vm_spaces == marked.vm_spaces
+        got = _ram_that_matters(s)
+        assert all(got[k] == want[k] for k in want), [k for k in want if got[k] != want[k]]
+    finally:
+        s.close()
