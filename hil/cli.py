@@ -1,5 +1,6 @@
 """`hil run | replay | shrink`. Exit status: 0 no findings, 1 findings, 2 infrastructure or
 usage error, 130 interrupted (Ctrl-C / SIGTERM; the trace is kept, marked interrupted)."""
+# ruff: noqa: E402 (signals are held before the heavy imports)
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hil import argtypes, check
+from hil import argtypes
+
+# before the heavy imports below: a signal while they load is held, then acted on in main()
+argtypes.hold_signals(__name__ == "__main__" or Path(sys.argv[0]).name == "hil")
+
+from hil import check
 from hil.errors import AbiError, ConfigError, HilError, InfraError
 from hil.run.baseline import Baseline
 from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.trace import Record, TraceError, TraceWriter, now, read_trace, versions
-from hil.target.machine import DEFAULT_IMAGE, Profile
+from hil.target.machine import DEFAULT_IMAGE, REPO, Profile
 from hil.workflows import ci as ci_workflow
 from hil.workflows import debug as debug_workflow
 from hil.workflows import nightly as nightly_workflow
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# the default image of each exec (scripts/setup builds both)
+EXEC_IMAGES = {"vostd": DEFAULT_IMAGE, "upstream": REPO / "guest" / "build-upstream" / "kernel.elf"}
 
 
 def _progress(total: int | None, done: int, rate: float, findings: int) -> str:
@@ -96,14 +106,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.seed, args.ops, args.image, args.profile = h["seed"], h["ops"], h["image"], h["profile"]
         args.error_rate, args.trace = h.get("error_rate", args.error_rate), args.resume
     profile = Profile.load(args.profile)
-    image = Path(args.image)
-    session = Session(image=image, profile=profile, shared_ram=not args.gdb_only)
+    if point is not None:
+        args.exec = point.header.get("exec", "vostd")
+    image = Path(args.image or EXEC_IMAGES[args.exec])
+    if not image.is_file():
+        raise ConfigError(f"{image} is missing: make -C guest EXEC={args.exec} B={image.parent.name} (scripts/setup)")
+    # the image must be a build of the exec asked for (hil_layout `exec`): refused at boot otherwise
+    session = Session(image=image, profile=profile, shared_ram=not args.gdb_only, exec_name=args.exec)
     if point is not None and point.header.get("guest_build_id") != session.elf.build_id:
         raise ConfigError(f"{args.resume}: recorded on guest build {point.header.get('guest_build_id')}, "
                           f"{image} is build {session.elf.build_id}; a run resumes only on its own build")  # fmt: skip
     trace_path = Path(args.trace) if args.trace else Path("traces") / f"run-seed{args.seed}-{int(time.time())}.jsonl"
     header = {
-        "guest_build_id": session.elf.build_id, "image": str(image), "profile": profile.name,
+        "guest_build_id": session.elf.build_id, "image": str(image), "profile": profile.name, "exec": args.exec,
         "seed": args.seed, "ops": args.ops, "error_rate": args.error_rate, "versions": versions(), "started": now(),
     }  # fmt: skip
     baseline = _load_baseline(args)
@@ -287,14 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--ops", type=argtypes.positive_int, default=3000)
     run.add_argument("--seed", type=argtypes.seed, default=1)
     run.add_argument("--profile", type=argtypes.profile, default="default")
-    run.add_argument("--image", type=argtypes.guest_image, default=str(DEFAULT_IMAGE))
+    run.add_argument("--image", type=argtypes.guest_image,
+                     help="guest image (default: guest/build/kernel.elf, with --exec upstream guest/build-upstream/)")
+    run.add_argument("--exec", choices=tuple(EXEC_IMAGES), default="vostd",
+                     help="the exec the guest and the model follow (docs/semantics.md)")
     run.add_argument("--trace", type=argtypes.output_file, help="trace file (default traces/run-seed<S>-<time>.jsonl)")
     run.add_argument("--resume", metavar="TRACE", type=argtypes.readable_file,
                      help="continue an interrupted run from its last finished op (its seed, image, profile)")
     run.add_argument("--error-rate", type=argtypes.rate, default=0.04)
     run.add_argument("--stop-on-finding", nargs="?", const="any", choices=("any", "new"),
                      help="stop at the first finding (any, the default) or the first not in --baseline (new)")
-    run.add_argument("--baseline", metavar="FILE", help="known findings: exit 0 unless a new one appears")
+    run.add_argument("--baseline", metavar="FILE", type=argtypes.readable_file,
+                     help="known findings: exit 0 unless a new one appears")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
     run.add_argument("--paranoid", action="store_true",
                      help="compare QEMU's own translation with the walker after every op (default: every 50)")
@@ -324,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     # the trace is closed as interrupted
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
+    if argtypes.held:  # came while hil was loading: nothing is started yet
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         code: int = args.fn(args)
         return code

@@ -65,6 +65,7 @@ class PanicCode(enum.IntEnum):
     UNSUPPORTED_CACHE = 7  # set_prop with WriteCombining / WriteProtected
     KERNEL_ROOT_ENTRY = 8  # VmSpace::new: kernel root entry 256..511 absent or a leaf
     GUEST_ASSERT = 9  # a guest-internal consistency check failed (a guest bug)
+    MAP_ALREADY_MAPPED = 10  # upstream exec only: map over a mapped page (U:mm/page_table/cursor/mod.rs:469)
 
 
 @dataclass(frozen=True)

@@ -510,11 +510,14 @@ def _from_unused_error(rc: int) -> ErrorCode:
 # --- apply ----------------------------------------------------------------------------------
 
 
-def apply(state: State, op: o.Op, alloc: Callable[[int], int]) -> tuple[OpResult, State]:
+def apply(
+    state: State, op: o.Op, alloc: Callable[[int], int], handlers: Mapping[type[o.Op], Handler] | None = None
+) -> tuple[OpResult, State]:
     """Run `op` on `state` with the exec semantics; pure. ERR: nothing changes (a copy with
-    `changed` empty). PANIC: the state as exec leaves it at the panic point."""
+    `changed` empty). PANIC: the state as exec leaves it at the panic point. `handlers`: another
+    exec's handler table (model/upstream.py); default vostd's."""
     tx = _Tx(state)
-    handler = _HANDLERS.get(type(op))
+    handler = (_HANDLERS if handlers is None else handlers).get(type(op))
     if handler is None:
         if isinstance(op, (o.Probe, o.RaiseFault)):
             raise Unpredictable(f"{type(op).__name__} is not predicted by the model")

@@ -24,6 +24,7 @@ static void fill_layout(void) {
     l[HIL_LAYOUT_KERNEL_VIRT_OFFSET] = KERNEL_BASE;
     l[HIL_LAYOUT_LINEAR_MAP_BASE] = LINEAR_MAPPING_BASE;
     l[HIL_LAYOUT_SEEDED_BUG] = HIL_SEEDED_BUG;
+    l[HIL_LAYOUT_EXEC] = HIL_EXEC_UPSTREAM;  /* abi.EXEC_NAMES index: 0 vostd, 1 upstream */
 }
 
 static void log_kv(const char *k, u64 v) {
@@ -38,6 +39,9 @@ void kmain(u64 magic, u64 mbi_pa) {
     if (magic != 0x2BADB002)
         serial_puts("warning: not loaded by a multiboot v1 loader\n");
     cpu_init();
+#if HIL_EXEC_UPSTREAM
+    configure_pat();  /* upstream's enable_essential_features (U:arch/x86/mm/mod.rs:316) */
+#endif
     kspace_init(mbi_pa);
     meta_init();
     registry_init(mm.registry_base);

@@ -90,6 +90,9 @@ static inline u64 pte_paddr(u64 pte) { return pte & PHYS_ADDR_MASK; }
 static inline u64 pte_new_pt(u64 pa) { return (pa & PHYS_ADDR_MASK) | PTE_P | PTE_RW | PTE_US; }
 bool prop_word_valid(u64 prop);
 bool prop_cache_supported(u64 prop);
+#if HIL_EXEC_UPSTREAM
+void configure_pat(void);
+#endif
 u64 pte_set_prop(u64 raw, u64 prop);  /* caller checked the cache policy */
 u64 pte_new_page(u64 pa, u64 prop);
 u64 pte_prop(u64 raw);

@@ -10,6 +10,7 @@ static struct {
     u64 va[FLUSH_ALL_OPS_THRESHOLD], len[FLUSH_ALL_OPS_THRESHOLD];
     bool need_flush_all;
     u64 nkeep;
+    u64 npages;  /* upstream: pages queued (U:mm/tlb.rs:318) */
 } fl;
 
 /* page_keeper lives in kernel-reserved RAM (not .bss): entry = paddr | 1 for a stray PT. */
@@ -19,6 +20,7 @@ void tlb_flusher_begin(void) {
     fl.n = 0;
     fl.need_flush_all = false;
     fl.nkeep = 0;
+    fl.npages = 0;
 }
 
 static void log_flush(u64 va) {
@@ -47,6 +49,7 @@ static void do_flushes(bool from_unmap) {
     }
     fl.n = 0;
     fl.need_flush_all = false;
+    fl.npages = 0;
 }
 
 static void drop_kept(void) {
@@ -75,6 +78,20 @@ void tlb_issue_flush_with(u64 va, u64 len, u64 keep_pa, bool stray_pt) {
         drop_kept();
     }
     keeper()[fl.nkeep++] = keep_pa | (stray_pt ? 1 : 0);
+#if HIL_EXEC_UPSTREAM  /* pages, not ops: >= 32 pages queued is All (U:mm/tlb.rs:223, :318) */
+    if (fl.need_flush_all)
+        return;
+    if (fl.npages + len / PAGE_SIZE >= FLUSH_ALL_OPS_THRESHOLD) {
+        fl.need_flush_all = true;
+        fl.n = 0;
+        return;
+    }
+    fl.va[fl.n] = va;
+    fl.len[fl.n] = len;
+    fl.n++;
+    fl.npages += len / PAGE_SIZE;
+    return;
+#endif
     if (len > FLUSH_ALL_RANGE_THRESHOLD)
         fl.need_flush_all = true;  /* TlbFlushOp::for_range: a long range becomes All */
     if (fl.need_flush_all)

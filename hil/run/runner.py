@@ -19,7 +19,7 @@ from hil.run.baseline import Baseline
 from hil.run.outcomes import OutcomeCoverage
 from hil.run.session import Session
 from hil.run.trace import Event, Poke, Record, TraceWriter
-from model import axioms, store
+from model import axioms, store, upstream
 from model import ops as m
 from model.state import State, changed_slots
 
@@ -80,11 +80,16 @@ class Runner:
         self.walker: oracles.Walker = oracles.our_info_tlb  # tests swap in a wrong one
         self.qemu: oracles.QemuTranslation | None = None
         self.outcomes = OutcomeCoverage()
+        self.exec_name = "vostd"  # the booted image's exec (hil_layout): selects the model
+        self.model: upstream.Model = store.apply
 
     def start(self) -> list[Finding]:
         """Boot and check the invariants of the boot state (op index -1)."""
         self.session.boot()
         self.state = self.session.snapshot()
+        if self.session.layout is not None:
+            self.exec_name = self.session.layout.exec_name
+            self.model = upstream.apply_for(self.exec_name)
         self._attach_oracles()
         if not self.check_enabled:
             return []
@@ -143,7 +148,7 @@ class Runner:
             t3 = t2
             try:
                 try:
-                    predicted_result, predicted = store.apply(before, op, check.alloc_from(before, after))
+                    predicted_result, predicted = self.model(before, op, check.alloc_from(before, after))
                 except store.Unpredictable:
                     # Probe / RaiseFault: the model does not predict the MMU or a fault; state must not change
                     predicted_result = m.OpResult(UNPREDICTED_STATUS[type(op)], obs.result.code, obs.result.values)
@@ -161,7 +166,7 @@ class Runner:
                     findings += check.check_invariants(index, after, only=changed_slots(before, after), before=before)
                 if obs.result.status == m.Status.OK:  # the flush log as data
                     findings += oracles.flush_findings(index, op, before, predicted, predicted_result,
-                                                       obs.response.flush_log)  # fmt: skip
+                                                       obs.response.flush_log, self.exec_name)  # fmt: skip
                 if plan is not None and self.probes is not None and obs.result.status == m.Status.OK:
                     findings += self.probes.check(index, plan, after)
                 if view is not None and self.qemu is not None and obs.result.status not in REBOOT_STATUSES:

@@ -82,7 +82,10 @@ LAYOUT_FIELDS = (
     "kernel_virt_offset",  # kernel VMA - LMA
     "linear_map_base",  # paddr_to_vaddr(p) = p + this
     "seeded_bug",  # 0 in the default build
+    "exec",  # index into EXEC_NAMES: which exec the guest follows (make EXEC=...)
 )
+# The exec a guest build follows (docs/semantics.md): the model is selected by the same name.
+EXEC_NAMES = ("vostd", "upstream")
 LAYOUT_SIZE = 8 * len(LAYOUT_FIELDS)
 
 
@@ -106,6 +109,11 @@ class Layout:
     kernel_virt_offset: int
     linear_map_base: int
     seeded_bug: int
+    exec: int = 0
+
+    @property
+    def exec_name(self) -> str:
+        return EXEC_NAMES[self.exec] if 0 <= self.exec < len(EXEC_NAMES) else f"exec#{self.exec}"
 
     @classmethod
     def unpack(cls, raw: bytes) -> Layout:

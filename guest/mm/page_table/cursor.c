@@ -139,7 +139,7 @@ static u64 op_open(u64 op) {
 }
 
 static u64 op_query(struct cursor *c) {
-    if (reg_free_count() < 1)
+    if (!HIL_EXEC_UPSTREAM && reg_free_count() < 1)  /* upstream: no handle (below) */
         return HIL_ERR_NO_SPACE;
     if (va_of(c) >= c->end)
         return HIL_ERR_INVALID_VADDR;  /* §5.4 step 1 */
@@ -152,6 +152,16 @@ static u64 op_query(struct cursor *c) {
             mb_result(HIL_RES_QUERY_END, range_end(c));
             return 0;
         }
+#if HIL_EXEC_UPSTREAM
+        if (is_frame(pte, level)) {  /* a borrowed item: no handle, rc untouched (U:mm/vm_space.rs:272) */
+            mb_result(HIL_RES_QUERY_PRESENT, 1);
+            mb_result(HIL_RES_QUERY_START, range_start(c));
+            mb_result(HIL_RES_QUERY_END, range_end(c));
+            mb_result(HIL_RES_QUERY_PADDR, pte_paddr(pte));
+            mb_result(HIL_RES_QUERY_PROP, pte_prop(pte));
+            return 0;
+        }
+#endif
         if (is_frame(pte, level)) {
             /* §5.4 step 2: clone_item -> Frame::clone (rc + 1) */
             u64 pa = pte_paddr(pte);
@@ -219,6 +229,10 @@ static u64 op_map(struct cursor *c, u64 fid, u64 prop) {
     /* §5.7 step 4 replace_cur_entry(Frame(pa, 1, prop)): new_page -> set_prop panics on
      * WriteCombining/WriteProtected, after map_loop allocated the nodes and the handle was
      * consumed (vostd arch/x86/mm/mod.rs:349, :537; docs/semantics.md) */
+#if HIL_EXEC_UPSTREAM  /* U:mm/page_table/cursor/mod.rs:468, before new_page encodes the prop */
+    if (pte_is_present(*cur_entry(c, NULL)))
+        hil_panic(HIL_PANIC_MAP_ALREADY_MAPPED, "map: mapping over an already mapped page");
+#endif
     if (!prop_cache_supported(prop))
         hil_panic(HIL_PANIC_UNSUPPORTED_CACHE, "map: WriteCombining/WriteProtected");
     u64 node;

@@ -10,6 +10,9 @@ bool prop_word_valid(u64 prop) {
 
 bool prop_cache_supported(u64 prop) {
     u64 cache = (prop >> 8) & 0xff;
+#if HIL_EXEC_UPSTREAM  /* WC goes through the PAT; WP panics (U:arch/x86/mm/pat.rs:38) */
+    return cache != CACHE_WP;
+#endif
     return cache != CACHE_WC && cache != CACHE_WP;  /* set_prop panics on these (§5.12) */
 }
 
@@ -24,6 +27,12 @@ static u64 pte_prop_bits(u64 prop) {
     if (flags & PF_AVAIL2) b |= PTE_IGN2;
     if (priv & PRIV_USER) b |= PTE_US;
     if (priv & PRIV_GLOBAL) b |= PTE_G;
+#if HIL_EXEC_UPSTREAM  /* PAT index PCD<<1|PWT: WB 0, WT 1, WC 2, UC 3 (U:arch/x86/mm/pat.rs:15) */
+    if (cache == CACHE_WT) b |= PTE_PWT;
+    else if (cache == CACHE_WC) b |= PTE_PCD;
+    else if (cache == CACHE_UC) b |= PTE_PCD | PTE_PWT;
+    return b;
+#endif
     if (cache == CACHE_WT) b |= PTE_PWT;
     else if (cache == CACHE_UC) b |= PTE_PCD;
     return b;
@@ -53,6 +62,9 @@ u64 pte_prop(u64 raw) {
     if (raw & PTE_US) priv |= PRIV_USER;
     if (raw & PTE_G) priv |= PRIV_GLOBAL;
     cache = (raw & PTE_PCD) ? CACHE_UC : (raw & PTE_PWT) ? CACHE_WT : CACHE_WB;
+#if HIL_EXEC_UPSTREAM  /* flags_to_cache_policy (U:arch/x86/mm/pat.rs:27) */
+    cache = (raw & PTE_PCD) ? ((raw & PTE_PWT) ? CACHE_UC : CACHE_WC) : (raw & PTE_PWT) ? CACHE_WT : CACHE_WB;
+#endif
     return flags | (cache << 8) | (priv << 16);
 }
 
@@ -87,3 +99,18 @@ u64 pt_alloc_node(int level) {
     }
     hil_panic(HIL_PANIC_OUT_OF_MEMORY, "page-table node pool exhausted");
 }
+
+#if HIL_EXEC_UPSTREAM
+/* configure_pat (U:arch/x86/mm/pat.rs:68): entries 0..7 = WB WT WC UC WB WT WC UC, so a leaf's
+ * PCD|PWT (bit 7 set on every leaf: entries 4..7) picks its cache policy. The value read back
+ * is kept for the harness (tests/hil/test_upstream.py). */
+u64 hil_pat_msr;
+
+void configure_pat(void) {
+    u64 pat = 0x0001040600010406ULL;
+    u32 lo, hi;
+    __asm__ volatile("wrmsr" ::"c"(0x277), "a"((u32)pat), "d"((u32)(pat >> 32)) : "memory");
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(0x277));
+    hil_pat_msr = (u64)hi << 32 | lo;
+}
+#endif

@@ -1,0 +1,187 @@
+"""The reference model of upstream OSTD (asterinas/asterinas, pinned in docs/semantics.md).
+
+The same store as model/store.py (vostd's exec) with the handlers of the ops where upstream
+decides otherwise replaced; `apply` has store.apply's contract. Each override names its
+upstream source (`U:path:line`, paths under ostd/src/ at the pinned commit). A guest built with
+`make -C guest EXEC=upstream` follows this model (hil_layout's `exec` word selects it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from model import ops as o
+from model import store
+from model.ops import ErrorCode, OpResult, PanicCode
+from model.state import State
+from model.store import _Cursor, _cursor, _Err, _index, _live, _ok, _Panic, _Tx, prop_ok
+from model.types import (
+    PAGE_SIZE,
+    CachePolicy,
+    PageProperty,
+    pte_is_last,
+    pte_is_present,
+    pte_paddr,
+)
+from model.types import pte_new_page as vostd_pte_new_page
+from model.types import pte_prop as vostd_pte_prop
+from model.types import pte_set_prop as vostd_pte_set_prop
+
+EXECS = ("vostd", "upstream")  # hil.target.abi.EXEC_NAMES, in the same order
+Model = Callable[[State, o.Op, Callable[[int], int]], tuple[OpResult, State]]
+
+# U:arch/x86/mm/pat.rs:15 (IA32_PAT_MAPPINGS) and :38 (cache_policy_to_flags): PCD|PWT picks a
+# PAT index; WriteProtected has no index (panic "unsupported cache policy").
+PTE_PWT = 1 << 3
+PTE_PCD = 1 << 4
+CACHE_BITS = {
+    CachePolicy.WRITEBACK: 0,
+    CachePolicy.WRITETHROUGH: PTE_PWT,
+    CachePolicy.WRITE_COMBINING: PTE_PCD,
+    CachePolicy.UNCACHEABLE: PTE_PCD | PTE_PWT,
+}
+UNSUPPORTED_CACHES = (CachePolicy.WRITE_PROTECTED,)
+# the PAT MSR configure_pat writes (U:arch/x86/mm/pat.rs:68): entries 0..7 = WB WT WC UC WB WT WC UC
+PAT_MSR = 0x0001040600010406
+
+
+def pte_new_page(paddr: int, prop: PageProperty) -> int:
+    """U:arch/x86/mm/mod.rs:229 new_page: vostd's bits except the cache policy's."""
+    raw = vostd_pte_new_page(paddr, dataclasses.replace(prop, cache=CachePolicy.WRITEBACK))
+    return raw | CACHE_BITS[prop.cache]
+
+
+def pte_set_prop(raw: int, prop: PageProperty) -> int:
+    if not pte_is_present(raw):
+        return raw
+    out = vostd_pte_set_prop(raw, dataclasses.replace(prop, cache=CachePolicy.WRITEBACK))
+    return out | CACHE_BITS[prop.cache]
+
+
+def pte_prop(raw: int) -> PageProperty:
+    """U:arch/x86/mm/mod.rs:197 prop -> flags_to_cache_policy (U:arch/x86/mm/pat.rs:27)."""
+    prop = vostd_pte_prop(raw & ~(PTE_PCD | PTE_PWT))
+    index = (2 if raw & PTE_PCD else 0) | (1 if raw & PTE_PWT else 0)
+    cache = (CachePolicy.WRITEBACK, CachePolicy.WRITETHROUGH, CachePolicy.WRITE_COMBINING,
+             CachePolicy.UNCACHEABLE)[index]  # fmt: skip
+    return dataclasses.replace(prop, cache=cache)
+
+
+_HANDLERS: dict[type[o.Op], store.Handler] = dict(store._HANDLERS)
+
+
+def _handles(cls: type[o.Op]) -> Callable[[store.Handler], store.Handler]:
+    def deco(fn: store.Handler) -> store.Handler:
+        _HANDLERS[cls] = fn
+        return fn
+
+    return deco
+
+
+def apply(state: State, op: o.Op, alloc: Callable[[int], int]) -> tuple[OpResult, State]:
+    """store.apply with upstream's handlers."""
+    return store.apply(state, op, alloc, handlers=_HANDLERS)
+
+
+def apply_for(exec_name: str) -> Model:
+    """The model of the exec a guest build follows (hil_layout `exec`, abi.EXEC_NAMES)."""
+    if exec_name == "vostd":
+        return store.apply
+    if exec_name == "upstream":
+        return apply
+    raise ValueError(f"unknown exec {exec_name!r}: expected one of {', '.join(EXECS)}")
+
+
+@_handles(o.Query)
+def _query(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """U:mm/page_table/cursor/mod.rs:131: the item is borrowed (VmQueriedItem,
+    U:mm/vm_space.rs:272): no handle, no ref-count change, so no registry room is needed."""
+    assert isinstance(op, o.Query)
+    view = _cursor(tx.base, op.cursor)
+    if view.va >= view.end:
+        raise _Err(ErrorCode.INVALID_VADDR)
+    cur = _Cursor(tx, view)
+    try:
+        while True:
+            pte = cur.entry()
+            start, end = cur.va_range()
+            if not pte_is_present(pte):
+                return _ok(op, present=0, start=start, end=end)
+            if pte_is_last(pte) or cur.c.level == 1:
+                return _ok(op, present=1, start=start, end=end, paddr=pte_paddr(pte), prop=pte_prop(pte).encode(),
+                           frame=0)  # fmt: skip
+            cur.c.level -= 1
+    finally:
+        cur.save()
+
+
+@_handles(o.Map)
+def _map(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """U:mm/vm_space.rs:372 -> U:mm/page_table/cursor/mod.rs:422: the asserts, the descent that
+    allocates missing nodes, then a panic if the slot is not absent (:469); WriteCombining is
+    encoded through the PAT, WriteProtected panics in cache_policy_to_flags."""
+    assert isinstance(op, o.Map)
+    view = _cursor(tx.base, op.cursor)
+    _live(tx.frames, op.frame)
+    view = _cursor(tx.base, op.cursor, mutable=True)
+    if not store._is_uframe(tx, tx.frames[op.frame]):
+        raise _Err(ErrorCode.NOT_UFRAME)
+    if not prop_ok(op.prop):
+        raise _Err(ErrorCode.BAD_ARG)
+    if view.va >= view.end or view.va + PAGE_SIZE > view.end:
+        raise _Panic(PanicCode.MAP_OUT_OF_RANGE)
+    paddr = tx.frames.pop(op.frame)  # the UFrame moves into the item
+    cur = _Cursor(tx, view)
+    try:
+        while cur.c.level != 1:
+            node = cur.node()
+            pte = node.entries[_index(cur.c.va, cur.c.level)]
+            if not pte_is_present(pte):
+                tx.alloc_node(alloc, view.vs, node, _index(cur.c.va, cur.c.level))
+            elif pte_is_last(pte):
+                raise AssertionError("huge leaf in a user page table (split unreachable)")
+            cur.c.level -= 1
+        node = cur.node()
+        k = _index(cur.c.va, 1)
+        if pte_is_present(node.entries[k]):
+            raise _Panic(PanicCode.MAP_ALREADY_MAPPED)
+        if op.prop.cache in UNSUPPORTED_CACHES:  # new_page -> cache_policy_to_flags
+            raise _Panic(PanicCode.UNSUPPORTED_CACHE)
+        tx.set_entry(view.vs, node, k, pte_new_page(paddr, op.prop))
+        tx.adjust_children(node.paddr, +1)
+        tx.add_ref(paddr, node.path + (k,))
+        cur.move_forward()
+        return _ok(op, replaced=0, old_paddr=0)
+    finally:
+        cur.save()
+
+
+
+@_handles(o.ProtectNext)
+def _protect_next(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """U:mm/page_table/cursor/mod.rs:544 protect_next with upstream's PTE encoding (WriteCombining
+    through the PAT, WriteProtected panics); the entry is written only on a change."""
+    assert isinstance(op, o.ProtectNext)
+    view = _cursor(tx.base, op.cursor, mutable=True)
+    if not op.transform.valid():
+        raise _Err(ErrorCode.BAD_ARG)
+    store._nav_panics(view, op.len)
+    cur = _Cursor(tx, view)
+    try:
+        if cur.find_next_impl(op.len, False, True) is None:
+            return _ok(op, found=0)
+        node = cur.node()
+        k = _index(cur.c.va, cur.c.level)
+        pte = node.entries[k]
+        old = pte_prop(pte)
+        new = op.transform.apply(old)
+        if new != old:
+            if new.cache in UNSUPPORTED_CACHES:
+                raise _Panic(PanicCode.UNSUPPORTED_CACHE)
+            tx.set_entry(view.vs, node, k, pte_set_prop(pte, new))
+        start, end = cur.va_range()
+        cur.move_forward()
+        return _ok(op, found=1, start=start, end=end)
+    finally:
+        cur.save()

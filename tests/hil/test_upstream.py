@@ -1,0 +1,170 @@
+"""The upstream-OSTD guest (`make -C guest EXEC=upstream`): each decision where upstream differs
+from vostd (docs/semantics.md, "upstream"), asserted on what the harness reads from guest memory
+(page tables, metadata slots, registry, the PAT MSR as the guest read it back)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hil.errors import AbiError
+from hil.run.session import Session
+from hil.target import abi
+from hil.target.machine import REPO
+from model import ops as m
+from model import upstream
+from model.types import PAGE_SIZE, CachePolicy, PageFlags, PageProperty, PrivFlags, pte_index
+
+UPSTREAM_BUILD = REPO / "guest" / "build-upstream"
+UPSTREAM_IMAGE = UPSTREAM_BUILD / "kernel.elf"
+P = m.PanicCode
+PTE_PWT, PTE_PCD, PTE_HUGE = 1 << 3, 1 << 4, 1 << 7
+
+
+def build_upstream() -> Path:
+    subprocess.run(["make", "-s", "-C", str(REPO / "guest"), "EXEC=upstream", f"B={UPSTREAM_BUILD}"], check=True)
+    return UPSTREAM_IMAGE
+
+
+@pytest.fixture(scope="module")
+def up() -> Iterator[Session]:
+    s = Session(image=build_upstream(), exec_name="upstream")
+    s.boot()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def fresh(up: Session) -> Session:
+    up.reset()
+    return up
+
+
+def ok(s: Session, op: m.Op) -> m.OpResult:
+    res = s.apply(op).result
+    assert res.status == m.Status.OK, f"{op!r} -> {res!r}"
+    return res
+
+
+def new_space(s: Session, start: int = 0, end: int = 1 << 47) -> tuple[int, int]:
+    vs = ok(s, m.NewVmSpace()).get("vs")
+    return vs, ok(s, m.OpenCursorMut(vs=vs, start=start, end=end)).get("cursor")
+
+
+def frame(s: Session, i: int) -> tuple[int, int]:
+    assert s.layout is not None
+    paddr = s.layout.data_pool_start + i * PAGE_SIZE
+    return ok(s, m.FrameFromUnused(paddr=paddr)).get("frame"), paddr
+
+
+def raw_rc(s: Session, paddr: int) -> int:
+    assert s.memory is not None and s.layout is not None
+    return int.from_bytes(s.memory.read(s.layout.meta_base + 64 * (paddr // PAGE_SIZE) + 40, 8), "little")
+
+
+def leaf_pte(s: Session, vs: int, va: int) -> int:
+    """The level-1 PTE of `va`, walked in guest memory from the VmSpace's root (registry w0)."""
+    assert s.memory is not None
+    node = s.snapshot().vm_spaces[vs].root
+    for level in (4, 3, 2):
+        pte = int.from_bytes(s.memory.read(node + 8 * pte_index(va, level), 8), "little")
+        assert pte & 1 and not pte & PTE_HUGE, f"no table at level {level} for {va:#x}"
+        node = pte & 0x000F_FFFF_FFFF_F000
+    return int.from_bytes(s.memory.read(node + 8 * pte_index(va, 1), 8), "little")
+
+
+def test_layout_names_the_exec_and_a_mismatch_is_refused(up: Session) -> None:
+    assert up.layout is not None and up.layout.exec_name == "upstream"
+    assert up.memory is not None
+    word = up.memory.read(up._layout_paddr + 8 * abi.LAYOUT_FIELDS.index("exec"), 8)
+    assert int.from_bytes(word, "little") == abi.EXEC_NAMES.index("upstream")
+    wrong = Session(image=UPSTREAM_IMAGE, exec_name="vostd")
+    try:
+        with pytest.raises(AbiError, match="is an EXEC=upstream build; exec vostd needs an EXEC=vostd build"):
+            wrong.boot()
+    finally:
+        wrong.close()
+
+
+def test_query_borrows_the_item_rc_unchanged_no_handle(fresh: Session) -> None:
+    s = fresh
+    vs, c = new_space(s)
+    f, paddr = frame(s, 0)
+    ok(s, m.Jump(cursor=c, va=0x5000))
+    ok(s, m.Map(cursor=c, frame=f, prop=PageProperty(int(PageFlags.R), CachePolicy.WRITETHROUGH, int(PrivFlags.USER))))
+    ok(s, m.Jump(cursor=c, va=0x5000))
+    before = s.snapshot()
+    rc = raw_rc(s, paddr)
+    res = ok(s, m.Query(cursor=c))
+    after = s.snapshot(before)
+    assert res.get("present") == 1 and res.get("paddr") == paddr and res.get("frame") == 0
+    assert PageProperty.decode(res.get("prop")).cache == CachePolicy.WRITETHROUGH
+    assert raw_rc(s, paddr) == rc == 1  # the PTE's reference only: query took none
+    assert after.frames == before.frames and after.next_ids["frame"] == before.next_ids["frame"]
+
+
+def test_map_over_a_mapped_page_panics_and_keeps_the_old_leaf(fresh: Session) -> None:
+    s = fresh
+    vs, c = new_space(s)
+    fa, pa = frame(s, 0)
+    fb, pb = frame(s, 1)
+    ok(s, m.Map(cursor=c, frame=fa))
+    ok(s, m.Jump(cursor=c, va=0))
+    before = leaf_pte(s, vs, 0)
+    res = s.apply(m.Map(cursor=c, frame=fb)).result
+    assert res == m.OpResult.panic(P.MAP_ALREADY_MAPPED), res
+    assert "already mapped" in s.response().message
+    assert leaf_pte(s, vs, 0) == before and before & 0x000F_FFFF_FFFF_F000 == pa
+    assert raw_rc(s, pa) == 1 and raw_rc(s, pb) == 1  # no replace; the new frame's handle was moved in
+    s.reset()
+
+
+def test_pat_programmed_and_wc_uc_encoded_through_it(fresh: Session) -> None:
+    s = fresh
+    assert s.memory is not None
+    pat = s.memory.read(s.elf.vaddr_to_paddr(s.elf.symbol("hil_pat_msr")), 8)
+    assert int.from_bytes(pat, "little") == upstream.PAT_MSR  # as rdmsr read it back after configure_pat
+    vs, c = new_space(s)
+    want = {CachePolicy.WRITE_COMBINING: PTE_PCD, CachePolicy.UNCACHEABLE: PTE_PCD | PTE_PWT,
+            CachePolicy.WRITETHROUGH: PTE_PWT, CachePolicy.WRITEBACK: 0}  # fmt: skip
+    for i, (cache, bits) in enumerate(want.items()):
+        f, _ = frame(s, i)
+        ok(s, m.Map(cursor=c, frame=f, prop=PageProperty(int(PageFlags.R), cache, int(PrivFlags.USER))))
+        pte = leaf_pte(s, vs, i * PAGE_SIZE)
+        assert pte & (PTE_PCD | PTE_PWT | PTE_HUGE) == bits | PTE_HUGE, (cache, hex(pte))
+        # PAT index (bit 7 << 2 | PCD << 1 | PWT) selects the programmed entry of this policy
+        index = 4 | (2 if pte & PTE_PCD else 0) | (1 if pte & PTE_PWT else 0)
+        entry = (upstream.PAT_MSR >> (8 * index)) & 0xFF
+        assert entry == {CachePolicy.WRITE_COMBINING: 0x01, CachePolicy.UNCACHEABLE: 0x00,
+                         CachePolicy.WRITETHROUGH: 0x04, CachePolicy.WRITEBACK: 0x06}[cache]  # fmt: skip
+    ok(s, m.Jump(cursor=c, va=0))
+    res = ok(s, m.Query(cursor=c))
+    assert PageProperty.decode(res.get("prop")).cache == CachePolicy.WRITE_COMBINING
+    f, _ = frame(s, 10)
+    ok(s, m.Jump(cursor=c, va=0x10_0000))
+    res = s.apply(m.Map(cursor=c, frame=f, prop=PageProperty(1, CachePolicy.WRITE_PROTECTED, 1))).result
+    assert res == m.OpResult.panic(P.UNSUPPORTED_CACHE)
+    s.reset()
+
+
+@pytest.mark.parametrize(("pages", "flush_all"), [(31, False), (32, True)])
+def test_tlb_flush_threshold_counts_pages(fresh: Session, pages: int, flush_all: bool) -> None:
+    """Upstream: >= 32 pages queued is a full flush (vostd: more than 32 ops)."""
+    s = fresh
+    vs, c = new_space(s)
+    for i in range(pages):
+        f, _ = frame(s, i)
+        ok(s, m.Map(cursor=c, frame=f))
+    ok(s, m.Jump(cursor=c, va=0))
+    r0 = s.response()
+    ok(s, m.Unmap(cursor=c, len=pages * PAGE_SIZE))
+    r1 = s.response()
+    if flush_all:
+        assert r1.flush_log == (abi.FLUSH_LOG_ALL,) and r1.flush_all_total == r0.flush_all_total + 1
+    else:
+        assert r1.flush_log == tuple(i * PAGE_SIZE for i in range(pages))
