@@ -1,6 +1,5 @@
 """`hil run | replay | shrink`. Exit status: 0 no findings, 1 findings, 2 infrastructure or
 usage error, 130 interrupted (Ctrl-C / SIGTERM; the trace is kept, marked interrupted)."""
-# ruff: noqa: E402 (signals are held before the heavy imports)
 
 from __future__ import annotations
 
@@ -12,12 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hil import argtypes
-
-# before the heavy imports below: a signal while they load is held, then acted on in main()
-argtypes.hold_signals(__name__ == "__main__" or Path(sys.argv[0]).name == "hil")
-
-from hil import check
+from hil import argtypes, check
 from hil.errors import AbiError, ConfigError, HilError, InfraError
 from hil.run.baseline import Baseline
 from hil.run.runner import Runner
@@ -312,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--error-rate", type=argtypes.rate, default=0.04)
     run.add_argument("--stop-on-finding", nargs="?", const="any", choices=("any", "new"),
                      help="stop at the first finding (any, the default) or the first not in --baseline (new)")
-    run.add_argument("--baseline", metavar="FILE", type=argtypes.readable_file,
-                     help="known findings: exit 0 unless a new one appears")
+    run.add_argument("--baseline", metavar="FILE", help="known findings: exit 0 unless a new one appears")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
     run.add_argument("--paranoid", action="store_true",
                      help="compare QEMU's own translation with the walker after every op (default: every 50)")
@@ -343,9 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     # the trace is closed as interrupted
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
-    if argtypes.held:  # came while hil was loading: nothing is started yet
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     try:
         code: int = args.fn(args)
         return code
