@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--error-rate", type=argtypes.rate, default=0.04)
     run.add_argument("--stop-on-finding", nargs="?", const="any", choices=("any", "new"),
                      help="stop at the first finding (any, the default) or the first not in --baseline (new)")
-    run.add_argument("--baseline", metavar="FILE", help="known findings: exit 0 unless a new one appears")
+    run.add_argument("--baseline", metavar="FILE", type=argtypes.readable_file,
+                     help="known findings: exit 0 unless a new one appears")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
     run.add_argument("--paranoid", action="store_true",
                      help="compare QEMU's own translation with the walker after every op (default: every 50)")
@@ -359,5 +360,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hil import argtypes
 from hil.errors import ConfigError, timeout_scale
 from hil.run.baseline import SHIPPED_BASELINE, Baseline, Signature, Verdict, signature
 from hil.workflows import junit
@@ -524,11 +525,14 @@ def cmd_ci(args: argparse.Namespace) -> int:
     if args.profile:
         cfg.profiles = args.profile
     if args.seeds is not None:
-        cfg.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        try:
+            cfg.seeds = [argtypes.seed(s) for s in args.seeds.split(",") if s.strip()]
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"--seeds: {exc}") from None
     if args.ops is not None:
         cfg.ops = args.ops
     if args.jobs is not None:
-        cfg.jobs = max(1, args.jobs)
+        cfg.jobs = args.jobs
     if args.scenarios is not None:
         cfg.scenarios = [] if args.scenarios == "none" else args.scenarios.split(",")
     if args.no_shrink:
@@ -598,20 +602,28 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _count(text: str) -> int:
+    return argtypes.seed(text)  # an integer >= 0
+
+
 def add_parser(subparsers: Any) -> None:
     ci = subparsers.add_parser("ci", help="a matrix of images x profiles x seeds against a baseline (JUnit)")
-    ci.add_argument("--config", required=True, help="the matrix (TOML; see docs/ci/hil-ci.toml)")
-    ci.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    ci.add_argument("--config", required=True, type=argtypes.readable_file,
+                    help="the matrix (TOML; see docs/ci/hil-ci.toml)")
+    ci.add_argument("--junit", metavar="FILE", type=argtypes.output_file, help="write JUnit XML here")
     ci.add_argument("--out", default="ci-out", help="traces, minimal traces and logs (default ci-out/)")
-    ci.add_argument("--jobs", type=int, help="cells at a time (default: the config's jobs)")
-    ci.add_argument("--image", action="append", metavar="ELF", help="run these images instead of the config's")
-    ci.add_argument("--profile", action="append", help="run these profiles instead of the config's")
+    ci.add_argument("--jobs", type=argtypes.positive_int, help="cells at a time (default: the config's jobs)")
+    ci.add_argument("--image", action="append", metavar="ELF", type=argtypes.guest_image,
+                    help="run these images instead of the config's")
+    ci.add_argument("--profile", action="append", type=argtypes.profile,
+                    help="run these profiles instead of the config's")
     ci.add_argument("--seeds", help="comma-separated seeds instead of the config's (\"\": no random cells)")
-    ci.add_argument("--ops", type=int, help="ops per seed instead of the config's")
+    ci.add_argument("--ops", type=argtypes.positive_int, help="ops per seed instead of the config's")
     ci.add_argument("--scenarios", help="comma-separated scenario names, or none")
-    ci.add_argument("--baseline", help="baseline file instead of the config's")
+    ci.add_argument("--baseline", type=argtypes.readable_file, help="baseline file instead of the config's")
     ci.add_argument("--no-shrink", action="store_true", help="do not shrink new findings")
-    ci.add_argument("--max-shrinks", type=int, metavar="N", help="new signatures shrunk per image (default: config's)")
+    ci.add_argument("--max-shrinks", type=_count, metavar="N",
+                    help="new signatures shrunk per image (default: config's)")
     ci.add_argument("--no-build", action="store_true", help="do not run the images' build commands")
     ci.set_defaults(fn=cmd_ci)
     b = subparsers.add_parser("baseline", help="the baseline of known findings: update from minimal traces, show")
