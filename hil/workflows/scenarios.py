@@ -90,9 +90,27 @@ def unique(lay: Layout) -> list[m.Op]:
     return [m.UniqueFromUnused(paddr=p[0]), m.FromUnique(unique=1), m.TryFromShared(frame=1), m.UniqueDrop(unique=2)]
 
 
+def errors(lay: Layout) -> list[m.Op]:
+    """Requests exec rejects (every ERR leaves every byte as it was)."""
+    p = _frames(lay, 1)
+    return [
+        m.DropCursor(cursor=9), m.FrameFromUnused(paddr=p[0] + 8), m.NewVmSpace(),
+        m.OpenCursor(vs=1, start=PAGE_SIZE, end=PAGE_SIZE), m.OpenCursor(vs=1, start=0, end=2 * MIB),
+        m.FrameFromUnused(paddr=p[0]), m.Map(cursor=1, frame=1, prop=RW), m.FrameFromUnused(paddr=p[0]),
+        m.Query(cursor=1), m.DropCursor(cursor=1), m.FrameDrop(frame=1), m.FrameDrop(frame=1),
+    ]  # fmt: skip
+
+
+def panic(lay: Layout) -> list[m.Op]:
+    """An OSTD panic condition (jump to an unaligned VA): the guest stops the op, reboots, and
+    the next ops run on the fresh guest (ids start again at 1)."""
+    return [m.NewVmSpace(), m.OpenCursorMut(vs=1, start=0, end=2 * MIB), m.Jump(cursor=1, va=PAGE_SIZE + 8),
+            m.NewVmSpace(), m.OpenCursor(vs=1, start=0, end=PAGE_SIZE), m.DropCursor(cursor=1)]  # fmt: skip
+
+
 SCENARIOS: dict[str, Callable[[Layout], list[m.Op]]] = {
     "vm_space": vm_space, "cursor": cursor, "map": map_, "unmap": unmap, "protect": protect,
-    "frame": frame, "segment": segment, "unique": unique,
+    "frame": frame, "segment": segment, "unique": unique, "errors": errors, "panic": panic,
 }  # fmt: skip
 
 
