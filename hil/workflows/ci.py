@@ -227,6 +227,7 @@ class Matrix:
         self.baseline = baseline
         self.children = Children()
         self.log = log
+        self.results: list[CaseResult] = []
 
     def jobs(self) -> list[Job]:
         jobs = []
@@ -377,7 +378,7 @@ class Matrix:
         return (None, f"not shrunk ({why}, see {log}); the full trace reproduces it")
 
     def run(self) -> list[CaseResult]:
-        results: list[CaseResult] = []
+        results = self.results = []  # kept for a partial report when interrupted
         jobs = self.jobs()
         pool = ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="hil-ci")
         futures: dict[Future[list[CaseResult]], Job] = {}
@@ -575,6 +576,10 @@ def cmd_ci(args: argparse.Namespace) -> int:
         results = matrix.run()
     except KeyboardInterrupt:
         print("hil ci: interrupted; every cell ended", file=sys.stderr)
+        if args.junit:  # what finished is still worth reading (a CI job cancelled at its timeout)
+            stop = CaseResult("interrupted", Image("hil-ci", Path(args.config)), "-",
+                              infra="hil ci was interrupted (SIGINT/SIGTERM) before every cell ran")  # fmt: skip
+            junit.write(Path(args.junit), to_suites(matrix.results + [stop]))
         return EXIT_INTERRUPTED
     text, code = summarize(results, baseline)
     if args.junit:

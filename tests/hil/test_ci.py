@@ -188,7 +188,8 @@ def test_sigterm_ends_every_cell_and_its_qemu(tmp_path: Path) -> None:
     before, before_gdbs = set(leftover_processes(tag)), set(leftover_gdbs(tag))
     proc = subprocess.Popen(
         [sys.executable, "-m", "hil.cli", "ci", "--config", str(SHIPPED_CONFIG), "--no-build", "--out",
-         str(tmp_path / "out"), "--image", str(DEFAULT_IMAGE), "--ops", "3000", "--scenarios", "none", "--jobs", "2"],
+         str(tmp_path / "out"), "--image", str(DEFAULT_IMAGE), "--ops", "3000", "--scenarios", "none", "--jobs", "2",
+         "--junit", str(tmp_path / "j.xml")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -203,6 +204,8 @@ def test_sigterm_ends_every_cell_and_its_qemu(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
+    # the JUnit file still says what happened
+    assert any(c.find("error") is not None and c.get("name") == "interrupted" for c in junit_cases(tmp_path / "j.xml"))
     assert not set(leftover_processes(tag)) - before, "a cell's QEMU outlived hil ci"
     assert not set(leftover_gdbs(tag)) - before_gdbs, "a cell's gdb outlived hil ci"
 
