@@ -96,9 +96,12 @@ class Finding:
         loc = ", ".join(where)
         vals = f"before={_short(self.before)} guest={_short(self.guest)} model={_short(self.model)}"
         cause = f" (consequence of op {self.caused_by})" if self.caused_by is not None else ""
-        return f"[{self.kind}] op {self.op_index} {self.clause} {self.field}" + (f" @ {loc}" if loc else "") + (
-            f": {vals}" + (f" — {self.message}" if self.message else "")
-        ) + cause
+        return (
+            f"[{self.kind}] op {self.op_index} {self.clause} {self.field}"
+            + (f" @ {loc}" if loc else "")
+            + (f": {vals}" + (f" — {self.message}" if self.message else ""))
+            + cause
+        )
 
 
 def _short(value: Any) -> str:
@@ -344,8 +347,10 @@ _NOT_BREAKING = frozenset({"S1/R2"})
 def _breaks(f: Finding) -> bool:
     """The finding says the after-state violates an invariant at its slot."""
     clause = f.field[4:] if f.field.startswith("inv:") else f.clause
-    return f.slot is not None and (f.kind == Kind.INVARIANT or f.field.startswith("inv:")) and (
-        clause not in _NOT_BREAKING
+    return (
+        f.slot is not None
+        and (f.kind == Kind.INVARIANT or f.field.startswith("inv:"))
+        and clause not in _NOT_BREAKING
     )
 
 
