@@ -228,6 +228,10 @@ class _Tx:
         self.uniques: dict[int, int] = dict(state.uniques)
         self.next_ids: dict[str, int] = {k: state.next_ids.get(k, 1) for k in ID_KINDS}
         self.detached: dict[int, PageTableNode] = {}
+        self.cursor_cls: type[_Cursor] = _Cursor  # another exec's cursor mechanics (model/upstream.py)
+
+    def cursor(self, view: CursorView) -> _Cursor:
+        return self.cursor_cls(self, view)
 
     # slots
     def slot(self, index: int) -> Slot:
@@ -511,12 +515,15 @@ def _from_unused_error(rc: int) -> ErrorCode:
 
 
 def apply(
-    state: State, op: o.Op, alloc: Callable[[int], int], handlers: Mapping[type[o.Op], Handler] | None = None
+    state: State, op: o.Op, alloc: Callable[[int], int], handlers: Mapping[type[o.Op], Handler] | None = None,
+    cursor_cls: type[_Cursor] | None = None,
 ) -> tuple[OpResult, State]:
     """Run `op` on `state` with the exec semantics; pure. ERR: nothing changes (a copy with
     `changed` empty). PANIC: the state as exec leaves it at the panic point. `handlers`: another
-    exec's handler table (model/upstream.py); default vostd's."""
+    exec's handler table and cursor mechanics (model/upstream.py); default vostd's."""
     tx = _Tx(state)
+    if cursor_cls is not None:
+        tx.cursor_cls = cursor_cls
     handler = (_HANDLERS if handlers is None else handlers).get(type(op))
     if handler is None:
         if isinstance(op, (o.Probe, o.RaiseFault)):
@@ -662,7 +669,7 @@ def _query(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     _registry_room(tx.base, 1)
     if view.va >= view.end:
         raise _Err(ErrorCode.INVALID_VADDR)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     try:
         while True:
             pte = cur.entry()
@@ -691,7 +698,7 @@ def _find_next(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     assert isinstance(op, o.FindNext)
     view = _cursor(tx.base, op.cursor)
     _nav_panics(view, op.len)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     found = cur.find_next_impl(op.len, False, False)
     cur.save()
     if found is None:
@@ -707,7 +714,7 @@ def _jump(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
         raise _Panic(PanicCode.JUMP_UNALIGNED)
     if not view.start <= op.va < view.end:
         raise _Err(ErrorCode.INVALID_VADDR)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     while True:
         span = page_size(cur.c.level + 1)
         node_start = align_down(cur.c.va, span)
@@ -732,7 +739,7 @@ def _map(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     if view.va >= view.end or view.va + PAGE_SIZE > view.end:
         raise _Panic(PanicCode.MAP_OUT_OF_RANGE)
     paddr = tx.frames.pop(op.frame)  # item_into_raw: the handle's reference moves to the PTE
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     try:
         while cur.c.level != 1:  # map_loop(1)
             node = cur.node()
@@ -771,7 +778,7 @@ def _unmap(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     assert isinstance(op, o.Unmap)
     view = _cursor(tx.base, op.cursor, mutable=True)
     _nav_panics(view, op.len)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     end = view.va + op.len
     num = 0
     deferred: list[int] = []
@@ -830,7 +837,7 @@ def _protect_next(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     if not op.transform.valid():
         raise _Err(ErrorCode.BAD_ARG)
     _nav_panics(view, op.len)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     try:
         found = cur.find_next_impl(op.len, False, True)
         if found is None:

@@ -14,12 +14,16 @@ from collections.abc import Callable
 from model import ops as o
 from model import store
 from model.ops import ErrorCode, OpResult, PanicCode
-from model.state import State
+from model.state import CursorView, State
 from model.store import _Cursor, _cursor, _Err, _index, _live, _ok, _Panic, _Tx, prop_ok
 from model.types import (
+    NR_LEVELS,
     PAGE_SIZE,
+    USER_VA_END,
     CachePolicy,
     PageProperty,
+    align_down,
+    page_size,
     pte_is_last,
     pte_is_present,
     pte_paddr,
@@ -80,8 +84,38 @@ def _handles(cls: type[o.Op]) -> Callable[[store.Handler], store.Handler]:
 
 
 def apply(state: State, op: o.Op, alloc: Callable[[int], int]) -> tuple[OpResult, State]:
-    """store.apply with upstream's handlers."""
-    return store.apply(state, op, alloc, handlers=_HANDLERS)
+    """store.apply with upstream's handlers and cursor mechanics."""
+    return store.apply(state, op, alloc, handlers=_HANDLERS, cursor_cls=_UpCursor)
+
+
+class _UpCursor(_Cursor):
+    """Upstream's cursor: the VmSpace counts its cursors (open / drop keep it), and find_next_impl
+    clamps va to the barrier end when nothing was found (U:mm/page_table/cursor/mod.rs:250)."""
+
+    def save(self) -> None:
+        self.tx.cursors[self.c.id] = self.c.view()
+
+    def find_next_impl(self, length: int, unmap_subtree: bool, split_huge: bool) -> int | None:
+        found = super().find_next_impl(length, unmap_subtree, split_huge)
+        if found is None and self.c.va > self.c.end:
+            self.c.va = self.c.end
+        return found
+
+
+def guard_level(start: int, end: int) -> int:
+    """lock_range's subtree root (U:mm/page_table/cursor/locking.rs:88): the lowest level whose
+    node holds all of [start, end) (no huge leaves in user tables: the Mapped break never fires)."""
+    for level in range(NR_LEVELS, 1, -1):
+        if _index(start, level) != _index(end - 1, level):
+            return level
+    return 1
+
+
+def guard_span(start: int, level: int) -> tuple[int, int]:
+    """The VA span of the guard node of a cursor starting at `start` with guard `level`."""
+    size = page_size(level + 1)
+    lo = align_down(start, size)
+    return lo, lo + size
 
 
 def apply_for(exec_name: str) -> Model:
@@ -93,6 +127,69 @@ def apply_for(exec_name: str) -> Model:
     raise ValueError(f"unknown exec {exec_name!r}: expected one of {', '.join(EXECS)}")
 
 
+@_handles(o.OpenCursor)
+@_handles(o.OpenCursorMut)
+def _open_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """U:mm/vm_space.rs:113 -> lock_range: the guard node is the lowest covering one; missing
+    nodes from the root down to it are allocated at open; the cursor starts at its level.
+    Harness-only: a guard span meeting a live cursor's is CURSOR_BUSY (exec could block), checked
+    once the range is valid (the spans need it)."""
+    assert isinstance(op, (o.OpenCursor, o.OpenCursorMut))
+    _live(tx.vm_spaces, op.vs)
+    view = tx.vm_spaces[op.vs]
+    store._registry_room(tx.base, 1)
+    if not (op.start < op.end and op.start % PAGE_SIZE == 0 and op.end % PAGE_SIZE == 0 and op.end <= USER_VA_END):
+        raise _Err(ErrorCode.ACCESS_DENIED)
+    guard = guard_level(op.start, op.end)
+    lo, hi = guard_span(op.start, guard)
+    for other in tx.cursors.values():
+        olo, ohi = guard_span(other.start, other.guard_level)
+        if other.vs == op.vs and lo < ohi and olo < hi:
+            raise _Err(ErrorCode.CURSOR_BUSY)
+    node = tx.root(op.vs)
+    for level in range(NR_LEVELS, guard, -1):  # try_traverse_and_lock_subtree_root
+        k = _index(op.start, level)
+        pte = node.entries[k]
+        if not pte_is_present(pte):
+            node = tx.alloc_node(alloc, op.vs, node, k)
+        elif pte_is_last(pte):
+            raise AssertionError("huge leaf in a user page table (split unreachable)")
+        else:
+            node = tx.node(op.vs, pte_paddr(pte))
+    cid = tx.fresh_id("cursor")
+    tx.cursors[cid] = CursorView(cid, op.vs, isinstance(op, o.OpenCursorMut), op.start, op.end, op.start,
+                                 guard, guard)  # fmt: skip
+    tx.vm_spaces[op.vs] = dataclasses.replace(view, cursor=view.cursor + 1)  # upstream: a count
+    return _ok(op, cursor=cid)
+
+
+@_handles(o.DropCursor)
+def _drop_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """U:mm/page_table/cursor/mod.rs:340 unlock_range: no ref-count change; one cursor fewer."""
+    assert isinstance(op, o.DropCursor)
+    c = _cursor(tx.base, op.cursor)
+    del tx.cursors[op.cursor]
+    view = tx.vm_spaces.get(c.vs)
+    if view is not None:
+        tx.vm_spaces[c.vs] = dataclasses.replace(view, cursor=view.cursor - 1)
+    return _ok(op)
+
+
+@_handles(o.Jump)
+def _jump(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """U:mm/page_table/cursor/mod.rs:264: a cursor at the barrier end pops to its guard level."""
+    assert isinstance(op, o.Jump)
+    view = _cursor(tx.base, op.cursor)
+    if op.va % PAGE_SIZE:
+        raise _Panic(PanicCode.JUMP_UNALIGNED)
+    if not view.start <= op.va < view.end:
+        raise _Err(ErrorCode.INVALID_VADDR)
+    if view.va != view.end:
+        return store._jump(tx, op, alloc)
+    tx.cursors[view.id] = dataclasses.replace(view, va=op.va, level=view.guard_level)
+    return _ok(op)
+
+
 @_handles(o.Query)
 def _query(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     """U:mm/page_table/cursor/mod.rs:131: the item is borrowed (VmQueriedItem,
@@ -101,7 +198,7 @@ def _query(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     view = _cursor(tx.base, op.cursor)
     if view.va >= view.end:
         raise _Err(ErrorCode.INVALID_VADDR)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     try:
         while True:
             pte = cur.entry()
@@ -132,7 +229,7 @@ def _map(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     if view.va >= view.end or view.va + PAGE_SIZE > view.end:
         raise _Panic(PanicCode.MAP_OUT_OF_RANGE)
     paddr = tx.frames.pop(op.frame)  # the UFrame moves into the item
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     try:
         while cur.c.level != 1:
             node = cur.node()
@@ -167,7 +264,7 @@ def _protect_next(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     if not op.transform.valid():
         raise _Err(ErrorCode.BAD_ARG)
     store._nav_panics(view, op.len)
-    cur = _Cursor(tx, view)
+    cur = tx.cursor(view)
     try:
         if cur.find_next_impl(op.len, False, True) is None:
             return _ok(op, found=0)

@@ -76,6 +76,9 @@ class Workload:
         self.frames = [start + i * PAGE_SIZE for i in range(self.config.data_frames)]
         self.hot_vas = sorted({b + i * PAGE_SIZE for b in HOT_BASES for i in range(HOT_PAGES)})
         self.plan: list[m.Op] = []  # ops a multi-op pattern still has to issue
+        # upstream exec (hil_layout): several cursors per VmSpace, map only where nothing is
+        # mapped (over a mapped page exec panics), query makes no handle; vostd draws are unchanged
+        self.upstream = layout.exec_name == "upstream"
 
     # --- helpers ----------------------------------------------------------------------
     def _choice(self, seq: list[int] | tuple[int, ...]) -> int:
@@ -114,6 +117,8 @@ class Workload:
         if len(state.vm_spaces) < 1 or (len(state.vm_spaces) < self.config.max_vm_spaces and rng.random() < 0.02):
             return m.NewVmSpace()
         free = self._free_cursor_vs(state)
+        if self.upstream and (not cursors or rng.random() < 0.06):
+            return self._open_upstream(state)
         # one cursor per VmSpace at most (two would deadlock in exec), several VmSpaces at once
         if free and (not cursors or rng.random() < 0.04):
             start, end = self._range()
@@ -134,6 +139,8 @@ class Workload:
             cur = state.cursors[c]
             candidates = [v for v in self.hot_vas if cur.start <= v < cur.end] or [cur.start]
             return m.Jump(cursor=c, va=self._choice(candidates))
+        if self.upstream and mut and frames and w < 0.42:
+            return self._map_upstream(state, self._choice(mut), self._choice(frames))
         if mut and frames and w < 0.42:
             return m.Map(cursor=self._choice(mut), frame=self._choice(frames), prop=PROPS[rng.randrange(len(PROPS))])
         if mut and w < 0.455:
@@ -144,7 +151,7 @@ class Workload:
             planned = self._aimed_nav(state, cursors, mut)
             if planned:
                 return planned
-        if len(mut) > 1 and w < 0.48:
+        if len(mut) > 1 and w < 0.48 and not self.upstream:
             planned = self._share(state, mut)
             if planned:
                 return planned
@@ -177,6 +184,36 @@ class Workload:
         if w < 0.88:
             return m.FrameFromUnused(paddr=self._choice(self.frames))
         return self._segment_or_unique_op(state)
+
+    def _open_upstream(self, state: State) -> m.Op:
+        """A cursor on any VmSpace: often a small range at a hot base, so that cursors on disjoint
+        ranges of one VmSpace coexist (upstream locks the lowest covering node)."""
+        vs = self._choice(sorted(state.vm_spaces))
+        if self.rng.random() < 0.3:
+            start, end = self._range()
+        else:
+            base = self._choice(HOT_BASES)
+            pages = self._choice((1, 2, 4, HOT_PAGES))
+            start, end = base, min(base + pages * PAGE_SIZE, USER_VA_END)
+        cls = m.OpenCursorMut if self.rng.random() < 0.85 else m.OpenCursor
+        return cls(vs=vs, start=start, end=end)
+
+    def _map_upstream(self, state: State, c: int, frame: int) -> m.Op:
+        """Map where nothing is mapped: at the cursor's VA if free, else jump to a free hot VA of
+        its range first (or unmap the page when none is free)."""
+        cur = state.cursors[c]
+        view = state.vm_spaces.get(cur.vs)
+        mapped = set(view.mappings()) if view is not None else set()
+        prop = PROPS[self.rng.randrange(len(PROPS))]
+        if cur.va < cur.end and cur.va not in mapped:
+            return m.Map(cursor=c, frame=frame, prop=prop)
+        free = [v for v in self.hot_vas if cur.start <= v < cur.end and v not in mapped]
+        if free:
+            self.plan = [m.Map(cursor=c, frame=frame, prop=prop)]
+            return m.Jump(cursor=c, va=self._choice(free))
+        if cur.va < cur.end:
+            return m.Unmap(cursor=c, len=PAGE_SIZE)
+        return m.Jump(cursor=c, va=cur.start)
 
     def _nav_len(self, state: State, c: int) -> int:
         """A page-aligned length for find_next / unmap / protect_next that stays inside the
@@ -224,6 +261,8 @@ class Workload:
             k += 1
         start, length = va - k * PAGE_SIZE, (k + 1) * PAGE_SIZE
         r = self.rng.random()
+        if self.upstream and r < 0.3:  # no clone to re-map (query borrows; map over mapped panics)
+            r = 0.3 + 0.7 * r
         if c in mut and r < 0.3:
             fid = state.next_ids.get("frame", 1)  # the clone's id: ids are counters
             self.plan = [m.Query(cursor=c), m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[1])]

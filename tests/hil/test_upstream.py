@@ -168,3 +168,52 @@ def test_tlb_flush_threshold_counts_pages(fresh: Session, pages: int, flush_all:
         assert r1.flush_log == (abi.FLUSH_LOG_ALL,) and r1.flush_all_total == r0.flush_all_total + 1
     else:
         assert r1.flush_log == tuple(i * PAGE_SIZE for i in range(pages))
+
+
+def test_open_locks_the_lowest_covering_node_and_disjoint_cursors_coexist(fresh: Session) -> None:
+    """lock_range: guard level = the lowest node covering the range, the nodes down to it are
+    allocated at open; cursors whose guard nodes are disjoint live on one VmSpace at once."""
+    s = fresh
+    vs = ok(s, m.NewVmSpace()).get("vs")
+    before = s.snapshot()
+    c1 = ok(s, m.OpenCursorMut(vs=vs, start=0x1000, end=0x3000)).get("cursor")
+    after = s.snapshot(before)
+    reg = after.cursors[c1]  # read from the guest's registry entry (w5 = level | guard << 8)
+    assert (reg.level, reg.guard_level, reg.va) == (1, 1, 0x1000)
+    new = {i: after.slot(i).sto for i in after.slots if before.slot(i).rc != after.slot(i).rc}
+    assert sorted(sto[1] for sto in new.values() if sto) == [1, 2, 3]  # levels 3, 2, 1 allocated at open
+    view = after.vm_spaces[vs]
+    assert len(view.nodes) == 4 and view.cursor == 1  # VmSpace w1: the number of live cursors
+    # a 1 GiB-aligned page elsewhere: guard level 1 in another level-1 node, its own path allocated
+    c2 = ok(s, m.OpenCursorMut(vs=vs, start=1 << 30, end=(1 << 30) + 0x1000)).get("cursor")
+    # spanning two level-2 entries: guard level 2, whose node holds both cursors' nodes: busy
+    res = s.apply(m.OpenCursor(vs=vs, start=0x1F_F000, end=0x20_1000)).result
+    assert res == m.OpResult.err(m.ErrorCode.CURSOR_BUSY)
+    res = s.apply(m.OpenCursor(vs=vs, start=0x2000, end=0x4000)).result  # the same level-1 node
+    assert res == m.OpResult.err(m.ErrorCode.CURSOR_BUSY)
+    st = s.snapshot()
+    assert st.vm_spaces[vs].cursor == 2 and st.cursors[c2].guard_level == 1 and len(st.vm_spaces[vs].nodes) == 6
+    f, paddr = frame(s, 0)
+    ok(s, m.Map(cursor=c2, frame=f))
+    assert leaf_pte(s, vs, 1 << 30) & 0x000F_FFFF_FFFF_F000 == paddr
+    res = s.apply(m.DropVmSpace(vs=vs)).result
+    assert res == m.OpResult.err(m.ErrorCode.VM_SPACE_BUSY)
+    ok(s, m.DropCursor(cursor=c1))
+    assert s.snapshot().vm_spaces[vs].cursor == 1
+    ok(s, m.DropCursor(cursor=c2))
+    assert s.snapshot().vm_spaces[vs].cursor == 0
+    ok(s, m.DropVmSpace(vs=vs))
+
+
+def test_find_next_clamps_to_the_barrier_and_jump_from_there_pops_to_the_guard(fresh: Session) -> None:
+    s = fresh
+    vs = ok(s, m.NewVmSpace()).get("vs")
+    # two level-2 entries, both absent: move_forward steps 2 MiB at a time, past the end
+    c = ok(s, m.OpenCursor(vs=vs, start=0x1000, end=0x20_3000)).get("cursor")
+    assert s.snapshot().cursors[c].guard_level == 2
+    res = ok(s, m.FindNext(cursor=c, len=0x20_2000))
+    cur = s.snapshot().cursors[c]
+    assert res.get("found") == 0 and cur.va == 0x20_3000  # clamped (vostd leaves 0x40_0000)
+    ok(s, m.Jump(cursor=c, va=0x1000))
+    cur = s.snapshot().cursors[c]
+    assert (cur.va, cur.level) == (0x1000, 2)

@@ -114,7 +114,66 @@ static u64 load(u64 id, struct cursor *c, bool need_mut) {
     return 0;
 }
 
+#if HIL_EXEC_UPSTREAM
+/* lock_range (U:mm/page_table/cursor/locking.rs:21, :88): the guard node is the lowest node
+ * covering [start, end); missing nodes on the way down are allocated at open. */
+static int guard_level_of(u64 start, u64 end) {
+    for (int l = NR_LEVELS; l > 1; l--)
+        if (pte_index(start, l) != pte_index(end - 1, l))
+            return l;
+    return 1;
+}
+
+static u64 op_open_upstream(u64 op) {
+    u64 vsid = mb_arg(0), start = mb_arg(1), end = mb_arg(2);
+    struct reg_entry *vs = reg_find(HIL_REG_VM_SPACE, vsid);
+    if (!vs)
+        return HIL_ERR_BAD_ID;
+    if (reg_free_count() < 1)
+        return HIL_ERR_NO_SPACE;
+    if (!(start < end && start % PAGE_SIZE == 0 && end % PAGE_SIZE == 0 && end <= USER_VA_END))
+        return HIL_ERR_ACCESS_DENIED;
+    /* harness-only: a cursor whose guard node's span meets a live cursor's would (or could)
+     * block on its locks: CURSOR_BUSY. Disjoint guard spans never share a lock. */
+    int guard = guard_level_of(start, end);
+    u64 span = page_size(guard + 1), lo = ALIGN_DOWN(start, span);
+    for (int i = 1; i < REGISTRY_ENTRIES; i++) {
+        struct reg_entry *o = &registry[i];
+        if (o->kind != HIL_REG_CURSOR || o->w[0] != vsid)
+            continue;
+        u64 ospan = page_size((int)((o->w[5] >> 8) & 0xff) + 1), olo = ALIGN_DOWN(o->w[2], ospan);
+        if (lo < olo + ospan && olo < lo + span)
+            return HIL_ERR_CURSOR_BUSY;
+    }
+    u64 node = vs->w[0];
+    for (int l = NR_LEVELS; l > guard; l--) {  /* try_traverse_and_lock_subtree_root */
+        u64 *e = &pt_node(node)[pte_index(start, l)];
+        if (!pte_is_present(*e)) {
+            u64 child = pt_alloc_node(l - 1);
+            *e = pte_new_pt(child);
+            pt_set_nr_children(node, pt_nr_children(node) + 1);
+        } else if (pte_is_last(*e)) {
+            hil_panic(HIL_PANIC_GUEST_ASSERT, "huge leaf in a user page table (split unreachable)");
+        }
+        node = pte_paddr(*e);
+    }
+    struct reg_entry *e = reg_new(HIL_REG_CURSOR, ID_CURSOR);
+    e->w[0] = vsid;
+    e->w[1] = op == HIL_OP_CURSOR_MUT;
+    e->w[2] = start;
+    e->w[3] = end;
+    e->w[4] = start;
+    e->w[5] = (u64)guard | ((u64)guard << 8);
+    vs->w[1] += 1;  /* upstream: the number of live cursors */
+    mb_result(0, e->id);
+    return 0;
+}
+#endif
+
 static u64 op_open(u64 op) {
+#if HIL_EXEC_UPSTREAM
+    return op_open_upstream(op);
+#endif
     u64 vsid = mb_arg(0), start = mb_arg(1), end = mb_arg(2);
     struct reg_entry *vs = reg_find(HIL_REG_VM_SPACE, vsid);
     if (!vs)
@@ -185,6 +244,14 @@ static u64 op_query(struct cursor *c) {
     }
 }
 
+/* upstream clamps va to the barrier end when nothing was found (U:mm/page_table/cursor/mod.rs:250) */
+static bool find_next_clamped(struct cursor *c, u64 len, bool unmap_subtree, bool split_huge) {
+    bool found = find_next_impl(c, len, unmap_subtree, split_huge);
+    if (HIL_EXEC_UPSTREAM && !found && va_of(c) > c->end)
+        set_va(c, c->end);
+    return found;
+}
+
 static u64 op_jump(struct cursor *c, u64 va) {
     if (va % PAGE_SIZE)
         hil_panic(HIL_PANIC_JUMP_UNALIGNED, "jump: va % 4096 != 0");
@@ -192,6 +259,13 @@ static u64 op_jump(struct cursor *c, u64 va) {
     bool inside = SEEDED(8) ? (c->start <= va && va <= c->end) : (c->start <= va && va < c->end);
     if (!inside)
         return HIL_ERR_INVALID_VADDR;
+#if HIL_EXEC_UPSTREAM
+    if (va_of(c) == c->end) {  /* U:mm/page_table/cursor/mod.rs:272: pop to the guard level */
+        set_level(c, guard_of(c));
+        set_va(c, va);
+        return 0;
+    }
+#endif
     for (;;) {  /* §5.6: pop until the current node contains va; level kept otherwise */
         int level = level_of(c);
         u64 span = page_size(level + 1);
@@ -276,7 +350,7 @@ static u64 op_unmap(struct cursor *c, u64 len) {
     u64 end = va_of(c) + len, num = 0;
     tlb_flusher_begin();
     /* §5.8 step 2: take_next until nothing is left in [va, end) */
-    while (va_of(c) < end && find_next_impl(c, end - va_of(c), true, true)) {
+    while (va_of(c) < end && find_next_clamped(c, end - va_of(c), true, true)) {
         u64 node;
         int level = level_of(c);
         u64 *e = cur_entry(c, &node);
@@ -300,7 +374,7 @@ static u64 op_unmap(struct cursor *c, u64 len) {
 
 static u64 op_protect_next(struct cursor *c, u64 len, u64 transform) {
     nav_panics(c, len);
-    if (!find_next_impl(c, len, false, true))
+    if (!find_next_clamped(c, len, false, true))
         return 0;  /* found 0 */
     u64 *e = cur_entry(c, NULL);
     u64 old = *e;
@@ -337,7 +411,11 @@ u64 op_cursor(u64 op) {
         if ((err = load(a0, &c, false)))
             return err;
         struct reg_entry *vs = reg_find(HIL_REG_VM_SPACE, c.e->w[0]);
-        if (vs && vs->w[1] == c.e->id)
+#if HIL_EXEC_UPSTREAM
+        if (vs)
+            vs->w[1] -= 1;  /* upstream: the number of live cursors */
+#endif
+        if (!HIL_EXEC_UPSTREAM && vs && vs->w[1] == c.e->id)
             vs->w[1] = 0;
         reg_free(c.e);  /* unlock only; no refcount change */
         return 0;
@@ -350,7 +428,7 @@ u64 op_cursor(u64 op) {
         if ((err = load(a0, &c, false)))
             return err;
         nav_panics(&c, a1);
-        if (find_next_impl(&c, a1, false, false)) {
+        if (find_next_clamped(&c, a1, false, false)) {
             mb_result(HIL_RES_FIND_NEXT_FOUND, 1);
             mb_result(HIL_RES_FIND_NEXT_VA, va_of(&c));
         }
