@@ -761,11 +761,12 @@ class _Cache:
     raw_changed_slots: tuple[int, ...] | None = None
     raw_changed_entries: tuple[int, ...] | None = None
 
-    def copy(self) -> _Cache:
+    def copy(self, raw_meta: bytearray | None = None) -> _Cache:
         """An unconsumed copy (its own bytes and reference sets; node decodings are immutable)."""
         acc = _RefAcc({i: dict(p) for i, p in self.acc.paths.items()}, dict(self.acc.count))
         trees = {k: _Tree(t.root, t.infos, t.anomalies, t.nodes) for k, t in self.trees.items()}
-        return _Cache(self.meta_base, self.slot_count, bytearray(self.raw_meta), bytearray(self.raw_registry),
+        meta = bytearray(self.raw_meta) if raw_meta is None else raw_meta
+        return _Cache(self.meta_base, self.slot_count, meta, bytearray(self.raw_registry),
                       set(self.live_entries), trees, acc, dict(self.slot_anomalies), False,
                       self.raw_changed_slots, self.raw_changed_entries)  # fmt: skip
 
@@ -804,14 +805,28 @@ def compare_states(partial: State, full: State) -> list[Anomaly]:
     return out
 
 
-def fork_state(state: State) -> State:
+def fork_state(state: State, *, raw_meta: bytearray | None = None) -> State:
     """`state` with a private copy of its snapshot cache, so that it can be the `prev` of
     another snapshot later (e.g. the boot state after a reset) while the original's cache is
-    handed on. Raises ValueError when its cache was already handed on."""
+    handed on. Raises ValueError when its cache was already handed on. `raw_meta`: a buffer
+    the caller vouches holds exactly `state`'s metadata bytes (saves copying it)."""
     cache = state.raw_cache
     if not isinstance(cache, _Cache) or cache.consumed:
         raise ValueError("this State's snapshot cache is gone (fork it before the next snapshot)")
-    return dataclasses.replace(state, raw_cache=cache.copy())
+    if raw_meta is not None and len(raw_meta) != len(cache.raw_meta):
+        raise ValueError("raw_meta is not the size of the metadata region")
+    copy = cache.copy(raw_meta)
+    return dataclasses.replace(state, raw_cache=copy)
+
+
+def take_raw_meta(state: State) -> bytearray | None:
+    """The metadata bytes buffer of `state`'s cache, taken over by the caller (the cache is
+    spent: a later snapshot from `state` reads from scratch). None if there is none."""
+    cache = state.raw_cache
+    if not isinstance(cache, _Cache) or cache.consumed:
+        return None
+    cache.consumed = True
+    return cache.raw_meta
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import AbiError, InfraError
-from hil.observe.snapshot import Footprint, cached_bytes, compare_states, fork_state, raw_changes, read_state, runs
+from hil.observe.snapshot import (
+    Footprint,
+    cached_bytes,
+    compare_states,
+    fork_state,
+    raw_changes,
+    read_state,
+    runs,
+    take_raw_meta,
+)  # fmt: skip
 from hil.target import abi
 from hil.target.elf import GuestElf
 from hil.target.gdb import Gdb
@@ -109,6 +118,8 @@ class Session:
         self._untouched = False  # nothing ran since the reset point was read
         self._reset_status = m.Status.READY
         self._ops_since_snapshot = 0  # ops no snapshot has looked at (their writes are unknown)
+        self._last_state: State | None = None  # the latest snapshot (its metadata bytes, for reset)
+        self._reset_meta: bytearray | None = None
         self._poked: list[tuple[int, int]] = []  # (paddr, size) written by poke() since the last snapshot
         self._last_op: m.Op | None = None
         self._force_full = False
@@ -172,6 +183,8 @@ class Session:
         self._boot_state = fork_state(state)
         self._boot_meta, self._boot_registry = cached_bytes(state)
         self._reset_status = self.response().status  # READY at boot
+        self._last_state = None
+        self._reset_meta = None
         self._reset_pt_high = max(self._pt_high, lay.pt_pool_start)
         self._clear_dirty()
         self._untouched = True
@@ -264,9 +277,15 @@ class Session:
             mem.write(lay.registry_base + es * lo, self._boot_registry[es * lo : es * hi])
         slots = range(lay.slot_count) if self._dirty_all else self._dirty_slots
         restored: set[int] = set()
+        # the latest snapshot's metadata bytes differ from the reset point's only where the
+        # slots were written back: patched, they are the reset point's (no copy of the region)
+        latest = take_raw_meta(self._last_state) if self._last_state is not None and not self._dirty_all else None
         for lo, hi in runs(i for i in slots if 0 <= i < lay.slot_count):
             mem.write(lay.meta_base + 64 * lo, self._boot_meta[64 * lo : 64 * hi])
+            if latest is not None:
+                latest[64 * lo : 64 * hi] = self._boot_meta[64 * lo : 64 * hi]
             restored.update(range(lo, hi))
+        self._reset_meta = latest
         # the pool: the nodes seen since, and a margin past the highest (a node allocated and
         # freed inside one op is never seen); bytes of the reset point, zeros past its nodes
         saved = self._boot_ram[1][1] if len(self._boot_ram) > 1 else b""
@@ -444,7 +463,8 @@ class Session:
             # what the reset wrote back, against the reset point's State
             fp = Footprint(slots=self._reset_slots, all_nodes=self.shared_ram, registry_prefix=not self.shared_ram,
                            pt_pool=(lay.pt_pool_start, lay.pt_pool_end))  # fmt: skip
-            state = read_state(self.memory, lay, fork_state(self._boot_state), footprint=fp)
+            meta, self._reset_meta = self._reset_meta, None
+            state = read_state(self.memory, lay, fork_state(self._boot_state, raw_meta=meta), footprint=fp)
             state = dataclasses.replace(state, parent=None, changed=None)
         elif prev is None:
             state = read_state(self.memory, lay)
@@ -478,6 +498,7 @@ class Session:
         self._last_op = None
         self._ops_since_snapshot = 0
         self._note_snapshot(state)
+        self._last_state = state
         return state
 
     def poke(self, paddr: int, data: bytes) -> None:

@@ -7,10 +7,11 @@ import struct
 
 import pytest
 
+from hil.check import Kind
 from hil.observe.snapshot import AnomalyKind, walk_tree
 from hil.run.runner import Runner
 from hil.run.session import KERNEL_LOAD_PADDR, Session
-from hil.run.workload import Workload
+from hil.run.workload import Workload, WorkloadConfig
 from hil.target.stub import Stub
 from model import ops as m
 
@@ -109,11 +110,15 @@ def _footprint_run(shared: bool, ops: int) -> None:
     try:
         runner.start()
         assert s.layout is not None
-        runner.run(Workload(7, s.layout), count=ops)
+        runner.run(Workload(7, s.layout, WorkloadConfig(panic_rate=0.05)), count=ops)  # resets too
         assert s.full_reads >= ops - runner.stats.reboots
         assert s.unlogged == 0
         unlogged = [f for r in runner.records for f in r.findings if AnomalyKind.UNLOGGED.value in (f.message or "")]
         assert unlogged == []
+        # and the resets in between gave the model a guest it agrees with
+        impl = [f for r in runner.records for f in r.findings if f.kind == Kind.IMPL]
+        assert impl == [], impl[:3]
+        assert runner.stats.reboots > 0 and s.boots == 1
     finally:
         s.close()
 
