@@ -94,9 +94,15 @@ def dask_run_shrink(spec: ShrinkSpec) -> ShrinkResult:
 def dask_setup(worker: Any) -> None:
     """Dask preload of the local cluster's worker processes: die with `hil nightly`, even when
     it is killed (SIGKILL gives it no chance to close the cluster)."""
+    import signal
+
     from hil.target.proc import die_with_parent
 
     die_with_parent()
+    # a terminal's Ctrl-C reaches the whole process group: the coordinator alone decides, and
+    # asks each chunk to stop (its trace closed, its ops kept), rather than losing the workers
+    with contextlib.suppress(ValueError):  # not the worker's main thread: keep the default
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- the night's state on disk ----------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from hil.check import Finding
 from hil.errors import timeout_scale
 from hil.target.elf import GuestElf
-from hil.target.machine import DEFAULT_IMAGE, leftover_processes
+from hil.target.machine import leftover_processes
 from hil.workflows.report import root_signatures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,19 +141,38 @@ def check_against_traces(out: Path, s: dict) -> None:
         assert (f["status"] == "known") == (in_baseline and f["count"] > f["consequences"]), f
 
 
+def build_guest(*make_args: str) -> Path:
+    """A guest build of our own (the default build in guest/build/ is rebuilt by others while a
+    night runs, and a night refuses a chunk whose image is another build)."""
+    build = Path(tempfile.mkdtemp(prefix="hil-nightly-guest-"))
+    subprocess.run(["make", "-s", "-C", str(REPO / "guest"), f"B={build}", *make_args], check=True,
+                   timeout=300 * timeout_scale(), capture_output=True)  # fmt: skip
+    return build
+
+
 @pytest.fixture(scope="module")
-def night(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def image() -> Path:
+    build = build_guest()
+    try:
+        yield build / "kernel.elf"
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory, image) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("nightly") / "night"
-    proc = run_nightly(out, "--workers", "2", "--chunk-ops", "150", "--shrink-timeout", "120s", budget_s=40)
+    proc = run_nightly(out, "--workers", "2", "--chunk-ops", "150", "--shrink-timeout", "120s", "--image", str(image),
+                       budget_s=40)  # fmt: skip
     return out, proc
 
 
-def test_night_numbers_match_the_traces(night):
+def test_night_numbers_match_the_traces(night, image):
     out, proc = night
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     s = summary_of(out)
     assert s["status"] == "complete" and s["workers"] == 2 and s["scheduler"] == "local"
-    assert s["guest_build_id"] == GuestElf(DEFAULT_IMAGE).build_id
+    assert s["guest_build_id"] == GuestElf(image).build_id
     check_against_traces(out, s)
     t = s["totals"]
     assert t["ops"] > 0 and t["chunks"] >= 2 and t["booted"]
@@ -227,9 +246,10 @@ def test_report_in_a_real_browser(night, tmp_path):
     assert r.numbers["root causes"] == str(len(s["findings"]))
 
 
-def test_killed_worker_loses_only_its_chunk(tmp_path):
+def test_killed_worker_loses_only_its_chunk(tmp_path, image):
     out = tmp_path / "night"
-    argv = nightly_argv(out, "--budget", "40s", "--workers", "2", "--chunk-ops", "400", "--no-shrink")
+    argv = nightly_argv(out, "--budget", "40s", "--workers", "2", "--chunk-ops", "400", "--no-shrink",
+                        "--image", str(image))  # fmt: skip
     proc = subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         def running_chunk():
@@ -265,9 +285,9 @@ def test_killed_worker_loses_only_its_chunk(tmp_path):
     assert chunk_processes(out) == []
 
 
-def test_interrupted_night_resumes(tmp_path):
+def test_interrupted_night_resumes(tmp_path, image):
     out = tmp_path / "night"
-    args = ("--budget", "40s", "--workers", "1", "--chunk-ops", "200", "--no-shrink")
+    args = ("--budget", "40s", "--workers", "1", "--chunk-ops", "200", "--no-shrink", "--image", str(image))
     proc = subprocess.Popen(nightly_argv(out, *args), cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -314,10 +334,8 @@ def test_interrupted_night_resumes(tmp_path):
 
 @pytest.fixture(scope="module")
 def seeded_image() -> Path:
-    build = Path(tempfile.mkdtemp(prefix="hil-nightly-bug3-"))
+    build = build_guest("SEEDED_BUG=3")
     try:
-        subprocess.run(["make", "-s", "-C", str(REPO / "guest"), f"B={build}", "SEEDED_BUG=3"], check=True,
-                       timeout=300 * timeout_scale(), capture_output=True)  # fmt: skip
         yield build / "kernel.elf"
     finally:
         shutil.rmtree(build, ignore_errors=True)
