@@ -64,7 +64,7 @@ def pte_set_prop(raw: int, prop: PageProperty) -> int:
 
 
 def pte_prop(raw: int) -> PageProperty:
-    """U:arch/x86/mm/mod.rs:197 prop -> flags_to_cache_policy (U:arch/x86/mm/pat.rs:27)."""
+    """U:arch/x86/mm/mod.rs:197 prop -> flags_to_cache_policy (U:arch/x86/mm/pat.rs:26)."""
     prop = vostd_pte_prop(raw & ~(PTE_PCD | PTE_PWT))
     index = (2 if raw & PTE_PCD else 0) | (1 if raw & PTE_PWT else 0)
     cache = (CachePolicy.WRITEBACK, CachePolicy.WRITETHROUGH, CachePolicy.WRITE_COMBINING,
@@ -103,7 +103,7 @@ class _UpCursor(_Cursor):
 
 
 def guard_level(start: int, end: int) -> int:
-    """lock_range's subtree root (U:mm/page_table/cursor/locking.rs:88): the lowest level whose
+    """lock_range's subtree root (U:mm/page_table/cursor/locking.rs:90): the lowest level whose
     node holds all of [start, end) (no huge leaves in user tables: the Mapped break never fires)."""
     for level in range(NR_LEVELS, 1, -1):
         if _index(start, level) != _index(end - 1, level):

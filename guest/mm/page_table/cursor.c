@@ -115,7 +115,7 @@ static u64 load(u64 id, struct cursor *c, bool need_mut) {
 }
 
 #if HIL_EXEC_UPSTREAM
-/* lock_range (U:mm/page_table/cursor/locking.rs:21, :88): the guard node is the lowest node
+/* lock_range (U:mm/page_table/cursor/locking.rs:21, :90): the guard node is the lowest node
  * covering [start, end); missing nodes on the way down are allocated at open. */
 static int guard_level_of(u64 start, u64 end) {
     for (int l = NR_LEVELS; l > 1; l--)

@@ -62,7 +62,7 @@ u64 pte_prop(u64 raw) {
     if (raw & PTE_US) priv |= PRIV_USER;
     if (raw & PTE_G) priv |= PRIV_GLOBAL;
     cache = (raw & PTE_PCD) ? CACHE_UC : (raw & PTE_PWT) ? CACHE_WT : CACHE_WB;
-#if HIL_EXEC_UPSTREAM  /* flags_to_cache_policy (U:arch/x86/mm/pat.rs:27) */
+#if HIL_EXEC_UPSTREAM  /* flags_to_cache_policy (U:arch/x86/mm/pat.rs:26) */
     cache = (raw & PTE_PCD) ? ((raw & PTE_PWT) ? CACHE_UC : CACHE_WC) : (raw & PTE_PWT) ? CACHE_WT : CACHE_WB;
 #endif
     return flags | (cache << 8) | (priv << 16);
