@@ -381,7 +381,18 @@ class Session:
         return self.memory.read(self.layout.mailbox, abi.MAILBOX_SIZE)
 
     def response(self) -> abi.Response:
-        return abi.decode_response(self.mailbox())
+        if self.shared_ram:
+            return abi.decode_response(self.mailbox())
+        # through the stub each 2 KiB costs an exchange: the response words, then the flush log
+        # only as far as it is filled (the rest of the page is the probe oracle's, read by it)
+        assert self.memory is not None and self.layout is not None
+        page = bytearray(abi.MAILBOX_SIZE)
+        page[: abi.OFF_FLUSH_LOG] = self.memory.read(self.layout.mailbox, abi.OFF_FLUSH_LOG)
+        n = min(int.from_bytes(page[abi.OFF_FLUSH_LOG_LEN : abi.OFF_FLUSH_LOG_LEN + 8], "little"), abi.FLUSH_LOG_CAP)
+        if n:
+            log = self.memory.read(self.layout.mailbox + abi.OFF_FLUSH_LOG, 8 * n)
+            page[abi.OFF_FLUSH_LOG : abi.OFF_FLUSH_LOG + 8 * n] = log
+        return abi.decode_response(bytes(page))
 
     def send_raw(self, request: bytes, seq: int, deadline_s: float = OP_DEADLINE_S) -> abi.Response:
         """Write a request (already encoded, seq included), run the guest to its next stop."""
@@ -390,9 +401,8 @@ class Session:
             raise self._infra("QEMU is not running")
         self._untouched = False
         self._ops_since_snapshot += 1
-        # seq is the first word: write the rest first, seq last, so the guest never sees a torn request
-        self.memory.write(self.layout.mailbox + 8, request[8:])
-        self.memory.write(self.layout.mailbox, request[:8])
+        # one write: the guest is stopped at hil_op_done and reads the request only once resumed
+        self.memory.write(self.layout.mailbox, request)
         self.gdb.jump(self._op_done + 1)
         self._wait_op_done(deadline_s, f"request seq {seq}")
         resp = self.response()
