@@ -332,6 +332,17 @@ class Session:
                 if machine is not None:
                     machine.stop()
 
+    def release_debugger(self) -> None:
+        """Hand QEMU's gdb stub (one client at a time) to another debugger (`hil debug`): our
+        client disconnects without resuming the guest and ends; the memory reader and QEMU stay
+        until close()."""
+        gdb, self.gdb = self.gdb, None
+        if gdb is not None:
+            try:
+                gdb.disconnect()
+            finally:
+                gdb.close()
+
     def __enter__(self) -> Session:
         self.boot()
         return self
