@@ -182,3 +182,20 @@ def test_reset_returns_to_a_marked_reset_point() -> None:
         assert all(got[k] == want[k] for k in want), [k for k in want if got[k] != want[k]]
     finally:
         s.close()
+
+
+def test_gdb_mi_driver_is_interchangeable() -> None:
+    """driver="gdb" runs the same session through gdb/MI (a Target too); its reset reboots."""
+    s = Session(driver="gdb")
+    try:
+        s.boot()
+        state = s.snapshot()
+        assert not isinstance(s.gdb, Stub)
+        assert s.apply(m.NewVmSpace()).result.status == m.Status.OK
+        state = s.snapshot(state)
+        assert list(state.vm_spaces) == [1]
+        assert s.cr3() & ~0xFFF == s.layout.kernel_root  # type: ignore[union-attr]
+        s.reset()
+        assert s.boots == 2 and s.resets == 0 and s.snapshot().vm_spaces == {}
+    finally:
+        s.close()
