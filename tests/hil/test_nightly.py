@@ -376,3 +376,39 @@ def test_seeded_bug_is_new_against_the_default_night(night, seeded_image, tmp_pa
     page = (out / "report.html").read_text()
     assert 'id="since-previous"' in page and all(f["key"] in page for f in new)
     assert leftover_processes(RUN_TAG) == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_existing_cluster_via_scheduler(tmp_path, image):
+    """`dask scheduler` + `dask worker` started by hand, as the README says; the night runs there."""
+    from hil.target.proc import end_process
+
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    addr = f"tcp://127.0.0.1:{_free_port()}"
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(tmp_path / "scheduler.log", "wb") as log:
+            procs.append(subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port",
+                                           addr.rsplit(":", 1)[1], "--no-dashboard"], stdout=log, stderr=log))
+        with open(tmp_path / "worker.log", "wb") as log:
+            procs.append(subprocess.Popen([dask_cli, "worker", addr, "--nthreads", "1", "--nworkers", "1",
+                                           "--no-dashboard"], cwd=REPO, stdout=log, stderr=log))  # fmt: skip
+        out = tmp_path / "night"
+        proc = run_nightly(out, "--scheduler", addr, "--chunk-ops", "100", "--no-shrink", "--image", str(image),
+                           budget_s=15)  # fmt: skip
+        assert proc.returncode in (0, 1), proc.stderr[-3000:]
+        s = summary_of(out)
+        assert s["scheduler"] == addr and s["totals"]["ops"] > 0
+        check_against_traces(out, s)  # the traces came back as data: the workers share no directory with us
+        assert not (out / "work").exists() or not list((out / "work").iterdir())
+    finally:
+        for p in reversed(procs):
+            end_process(p, 20, lambda p=p: p.send_signal(signal.SIGTERM))
+    assert leftover_processes(RUN_TAG) == []
