@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import typing
 from pathlib import Path
 
@@ -120,3 +121,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+held: list[int] = []  # SIGINT / SIGTERM that came while `hil` was still loading
+
+
+def hold_signals(is_cli: bool) -> None:
+    """Remember a Ctrl-C or SIGTERM that comes while `hil` loads (seconds on a busy machine):
+    Python's default would print a traceback (SIGINT) or die silently (SIGTERM). main() exits
+    130 when one was held, before it starts anything."""
+    if not is_cli:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: held.append(signum))

@@ -1,5 +1,6 @@
 """`hil run | replay | shrink`. Exit status: 0 no findings, 1 findings, 2 infrastructure or
 usage error, 130 interrupted (Ctrl-C / SIGTERM; the trace is kept, marked interrupted)."""
+# ruff: noqa: E402 (signals are held before the heavy imports)
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hil import argtypes, check
+from hil import argtypes
+
+# before the heavy imports below: a signal while they load is held, then acted on in main()
+argtypes.hold_signals(__name__ == "__main__" or Path(sys.argv[0]).name == "hil")
+
+from hil import check
 from hil.errors import AbiError, ConfigError, HilError, InfraError
 from hil.run.baseline import Baseline
 from hil.run.runner import Runner
@@ -337,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     # the trace is closed as interrupted
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
+    if argtypes.held:  # came while hil was loading: nothing is started yet
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         code: int = args.fn(args)
         return code
@@ -360,3 +369,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+

@@ -173,7 +173,7 @@ def now() -> str:
 def read_trace(path: Path) -> Trace:
     """Strict: every line whole and of a known type, the first a header of our version, events
     numbered 0, 1, 2... in order, nothing after the end line but a `resume` (an interrupted run
-    continued with `hil run --resume`)."""
+    continued with `hil run --resume`; a killed run has no end line before its `resume`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except IsADirectoryError:
@@ -214,15 +214,13 @@ def read_trace(path: Path) -> Trace:
             if kind != "resume":
                 raise TraceError(f"{path}:{n}: records after the end line")
             end = None
-            notes.append(obj)
-            continue
+        if kind == "resume" and obj.get("from_index", len(records)) != len(records):
+            raise TraceError(f"{path}:{n}: resumed from op {obj.get('from_index')}, the trace has {len(records)}")
         if kind == "end":
             if obj.get("status") not in END_STATUSES:
                 raise TraceError(f"{path}:{n}: unknown end status {obj.get('status')!r}")
             end = obj
-        elif kind == "resume":
-            raise TraceError(f"{path}:{n}: a resume line without an end line before it")
-        elif kind == "note":
+        elif kind in ("note", "resume"):  # resume: after an end line, or a killed run's last event
             notes.append(obj)
         elif kind == "event":
             try:

@@ -19,7 +19,7 @@ from typing import Any
 from pygdbmi import gdbmiparser
 
 from hil.errors import InfraError, InfraTimeout, timeout_scale
-from hil.target.proc import die_with_parent, end_process
+from hil.target.proc import die_with_parent, end_process, signals_held
 
 GDB_BINARY = "gdb"
 
@@ -42,11 +42,12 @@ class Gdb:
         # callable(what, kind) -> InfraError, so failures carry the QEMU command line and logs
         self._on_infra = on_infra or (lambda what, kind=InfraError: kind(what))
         try:
-            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [GDB_BINARY, "--nx", "--quiet", "--interpreter=mi3"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent,
-            )  # fmt: skip
+            with signals_held():
+                self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                    [GDB_BINARY, "--nx", "--quiet", "--interpreter=mi3"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=die_with_parent,
+                )  # fmt: skip
         except OSError as exc:
             raise InfraError(f"cannot start {GDB_BINARY}: {exc} (scripts/setup installs it)") from exc
         self._sel = selectors.DefaultSelector()

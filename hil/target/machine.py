@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import ConfigError, InfraError, timeout_scale
-from hil.target.proc import die_with_parent, end_process
+from hil.target.proc import die_with_parent, end_process, signals_held
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO / "qemu"
@@ -203,7 +203,7 @@ class Machine:
             raise InfraError(f"cannot create the run directory {self.run_dir}: {exc}", argv=self.argv) from exc
         self.returncode, self._signalled = None, False
         try:
-            with open(self.qemu_log, "wb") as log:
+            with open(self.qemu_log, "wb") as log, signals_held():
                 self.proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,  # a Ctrl-C to the harness must not kill QEMU under us

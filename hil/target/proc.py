@@ -7,11 +7,14 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from hil.errors import timeout_scale
 
 PR_SET_PDEATHSIG = 1
+
+
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 def die_with_parent() -> None:
@@ -21,6 +24,19 @@ def die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # held by signals_held() in the parent
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM while a child is forked: Python runs at-fork hooks there and
+    ignores (prints) any exception raised in them, so a Ctrl-C landing in one would be lost.
+    Held, it arrives right after, where the harness acts on it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def end_process(proc: subprocess.Popen[bytes], grace_s: float, ask: Callable[[], None]) -> None:

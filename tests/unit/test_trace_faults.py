@@ -49,7 +49,7 @@ CORRUPTIONS = {
     "events reordered": lambda ls: [ls[0], ls[2], ls[1], *ls[3:]],
     "after the end": lambda ls: [*ls, ls[1]],
     "unknown end status": lambda ls: [*ls[:-1], '{"type": "end", "status": "weird"}\n'],
-    "resume without end": lambda ls: [*ls[:-1], '{"type": "resume"}\n'],
+    "resume before an event": lambda ls: [ls[0], '{"type": "resume"}\n', ls[2], *ls[3:]],
 }
 
 
@@ -102,6 +102,15 @@ def test_a_resumed_trace_reads_as_one_run(tmp_path: Path) -> None:
     assert [r.index for r in t.records] == [0, 1, 2, 3]
     assert t.end is not None and t.end["status"] == "complete"
     assert [n["type"] for n in t.notes] == ["resume"]
+
+
+def test_a_killed_run_resumed_reads_as_one_run(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    write_run_trace(path, n=3, status=None)  # SIGKILLed: no end line
+    w = TraceWriter(path, {}, resume={"from_index": 3})
+    w.record(3, m.Nop(value=3), m.OpResult.ok(value=3), [])
+    w.close("complete")
+    assert [r.index for r in read_trace(path).records] == [0, 1, 2, 3]
 
 
 def test_a_trace_that_cannot_be_written_is_an_infra_error(tmp_path: Path) -> None:
