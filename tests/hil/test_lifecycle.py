@@ -54,9 +54,10 @@ def test_sigkill_of_the_harness_takes_qemu_and_gdb_with_it(tmp_path: Path) -> No
     proc.kill()
     proc.wait(timeout=10)
     _wait_gone(tag)  # PR_SET_PDEATHSIG
-    assert leftover_files(tag), "nothing could clean up after SIGKILL"
-    removed = sweep_stale_files()
-    assert set(leftover_files(tag)) == set() and removed
+    # nothing could clean up after SIGKILL; the next machine to start (ours below, or another
+    # run's on a shared machine) sweeps the files of dead harnesses
+    sweep_stale_files()
+    assert set(leftover_files(tag)) == set()
     # every line written before the kill is intact
     for line in trace.read_text().splitlines()[:-1]:
         json.loads(line)
