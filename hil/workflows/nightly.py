@@ -287,6 +287,10 @@ def _load_previous(path: Path | None) -> dict[str, Any] | None:
     return data
 
 
+class _NoCluster(Exception):
+    """The scheduler cannot be reached or no worker joined: nothing can run (exit 2)."""
+
+
 class Coordinator:
     def __init__(self, opts: Options, night: Night, known: set[tuple[str, str, str]], previous: dict[str, Any] | None,
                  meta: dict[str, Any]):  # fmt: skip
@@ -354,14 +358,21 @@ class Coordinator:
             # a worker that dies loses its chunk: we (not Dask) resubmit it, once, and say so
             with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
                 if opts.scheduler:
-                    client = Client(opts.scheduler, timeout=f"{30 * scale}s")
+                    try:
+                        client = Client(opts.scheduler, timeout=f"{30 * scale}s")
+                    except (OSError, TimeoutError) as exc:
+                        raise _NoCluster(f"cannot reach the Dask scheduler {opts.scheduler}: {exc}") from None
                 else:
                     cluster = LocalCluster(
                         n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
                         memory_limit=0, silence_logs=logging.ERROR, preload=["hil.workflows.nightly"],
                     )  # fmt: skip
                     client = Client(cluster)
-            client.wait_for_workers(1, timeout=WORKER_WAIT_S * scale)
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S * scale)
+            except TimeoutError:
+                raise _NoCluster(f"no Dask worker joined {opts.scheduler or 'the local cluster'} within "
+                                 f"{WORKER_WAIT_S * scale:.0f} s") from None  # fmt: skip
             client.subscribe_topic(self.topic, progress.on_event)
             Event(self.stop_name, client=client).clear()  # the name is this leg's own
             # chunks of an earlier leg that did not finish are redone first, under their ids
@@ -427,9 +438,18 @@ class Coordinator:
                     night.record(r)
                     if opts.shrink and r.counted:
                         self._shrink_new(client, shrink_futs, r)
+                if self.lost_chunks >= 2 * slots and not any(x.booted for x in night.results.values()):
+                    # every chunk so far failed before its guest booted: the night cannot do its work
+                    print(f"nightly: {self.lost_chunks} chunks lost and no guest ever booted; giving up",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    self._stop(client, chunk_futs, shrink_futs, progress)
+                    break
                 s = self._counts()
                 progress.update(s[0], deadline - time.time(), s[1], s[2], s[3], self.lost_chunks)
             status = "complete"
+        except _NoCluster as exc:
+            print(f"nightly: {exc}", file=sys.stderr, flush=True)
+            status = "no-cluster"
         except KeyboardInterrupt:
             self.interrupted = True
             print("\nnightly: interrupted; asking every chunk to stop and writing the report of what was done",

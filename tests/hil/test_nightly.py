@@ -412,3 +412,20 @@ def test_existing_cluster_via_scheduler(tmp_path, image):
         for p in reversed(procs):
             end_process(p, 20, lambda p=p: p.send_signal(signal.SIGTERM))
     assert leftover_processes(RUN_TAG) == []
+
+
+def test_no_guest_ever_boots_exits_2(tmp_path, image):
+    # the ELF gdb reads is fine, the image QEMU boots is empty: every chunk fails at start-up
+    bad = tmp_path / "img"
+    bad.mkdir()
+    shutil.copy(image, bad / "kernel.elf")
+    (bad / "kernel.bin").write_bytes(b"")
+    out = tmp_path / "night"
+    proc = run_nightly(out, "--workers", "1", "--no-shrink", "--image", str(bad / "kernel.elf"), budget_s=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no guest ever booted" in proc.stderr
+    s = summary_of(out)  # the report of what was tried is written all the same
+    assert s["totals"]["ops"] == 0 and not s["totals"]["booted"] and s["totals"]["chunks_lost"] >= 2
+    assert all("QEMU" in c["error"] for c in s["chunks"])
+    assert "QEMU" in (out / "report.html").read_text()
+    assert leftover_processes(RUN_TAG) == []
