@@ -132,7 +132,9 @@ class Machine:
         boot = boot_image_for(self.image)
         argv = [
             QEMU_BINARY,
-            "-accel", self.profile.accel,
+            # one vCPU: TCG in the main loop thread, no hand-off between QEMU's threads on every
+            # stop and resume (a bare continue->stop ~0.15 ms instead of ~0.35 ms, issue 15)
+            "-accel", "tcg,thread=single" if self.profile.accel == "tcg" else self.profile.accel,
             "-cpu", self.profile.cpu,
             "-m", f"{self.profile.memory_mib}M",
             "-nodefaults", "-display", "none", "-vga", "none",
