@@ -147,7 +147,7 @@ def build_summary(
     cov = counts["coverage"]
     clauses = all_clauses()
     findings = []
-    for sig, g in sorted(groups.items(), key=lambda kv: (kv[1].first_seen, kv[0])):
+    for sig, g in sorted(groups.items(), key=lambda kv: (kv[1].first_seen, kv[0])):  # status order below
         key = group_key(sig)
         in_baseline = sig in known
         if not g.root_cause:
@@ -179,6 +179,9 @@ def build_summary(
             if not sh.get("ok"):
                 entry["shrink_error"] = sh.get("error", "")
         findings.append(entry)
+    # what a person acts on first: new, then last night's, known, consequences; each by first seen
+    order = {"new": 0, "seen-before": 1, "known": 2, "consequence": 3}
+    findings.sort(key=lambda f: order[f["status"]])
     fixed = []
     if previous is not None:
         tonight = {f["key"] for f in findings}
