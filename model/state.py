@@ -237,6 +237,9 @@ class State:
     leaked: Mapping[int, VmSpaceView] = field(default_factory=dict)
     # next id per kind ("vm_space", "cursor", "frame", "segment", "unique")
     next_ids: Mapping[str, int] = field(default_factory=dict)
+    # EXEC=upstream: the VmSpace whose root the CPU holds a reference on (0: the kernel's); the
+    # harness reads it from registry counters w5 (vostd builds: always 0)
+    active: int = 0
     kernel_root: int = 0
     kernel_upper: tuple[int, ...] = ()  # kernel root entries 256..511 (raw)
     nr_slots: int = 0

@@ -19,10 +19,13 @@ from model.store import _Cursor, _cursor, _Err, _index, _live, _ok, _Panic, _Tx,
 from model.types import (
     NR_LEVELS,
     PAGE_SIZE,
+    REF_COUNT_MAX,
+    TOP_LEVEL_USER_ENTRIES,
     USER_VA_END,
     CachePolicy,
     PageProperty,
     align_down,
+    frame_to_index,
     page_size,
     pte_is_last,
     pte_is_present,
@@ -84,8 +87,12 @@ def _handles(cls: type[o.Op]) -> Callable[[store.Handler], store.Handler]:
 
 
 def apply(state: State, op: o.Op, alloc: Callable[[int], int]) -> tuple[OpResult, State]:
-    """store.apply with upstream's handlers and cursor mechanics."""
-    return store.apply(state, op, alloc, handlers=_HANDLERS, cursor_cls=_UpCursor)
+    """store.apply with upstream's handlers and cursor mechanics; an Activate that ran moves the
+    CPU's reference (State.active) to its VmSpace."""
+    result, after = store.apply(state, op, alloc, handlers=_HANDLERS, cursor_cls=_UpCursor)
+    if isinstance(op, o.Activate) and result.status == o.Status.OK:
+        after = dataclasses.replace(after, active=op.vs)
+    return result, after
 
 
 class _UpCursor(_Cursor):
@@ -125,6 +132,65 @@ def apply_for(exec_name: str) -> Model:
     if exec_name == "upstream":
         return apply
     raise ValueError(f"unknown exec {exec_name!r}: expected one of {', '.join(EXECS)}")
+
+
+def _root_of(tx: _Tx, vs: int) -> int:
+    return tx.base.kernel_root if vs == 0 else tx.tree(vs).root
+
+
+@_handles(o.Activate)
+def _activate(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """VmSpace::activate (U:mm/vm_space.rs:126) -> PageTableNode::activate
+    (U:mm/page_table/node/mod.rs:94): the new root gains the CPU's reference (Frame::clone: PANIC
+    REF_COUNT_OVERFLOW), the old one loses it; a VmSpace dropped while active (kept by the Arc in
+    ACTIVATED_VM_SPACE, a leaked tree here) is dropped then. Activate(0): the kernel page table."""
+    assert isinstance(op, o.Activate)
+    if op.vs != 0:
+        _live(tx.vm_spaces, op.vs)
+    new, old_vs = _root_of(tx, op.vs), tx.base.active
+    old = _root_of(tx, old_vs)
+    if new == old:
+        return _ok(op)
+    i = frame_to_index(new)
+    s = tx.slot(i)
+    if s.rc >= REF_COUNT_MAX:
+        raise _Panic(PanicCode.REF_COUNT_OVERFLOW)
+    tx.put_slot(i, dataclasses.replace(s, rc=s.rc + 1))
+    store._drop_ref(tx, old)
+    if old_vs in tx.leaked:  # the last Arc: the VmSpace's PageTable drops its root
+        _release_tree(tx, old_vs)
+        del tx.leaked[old_vs]
+    return _ok(op)
+
+
+def _release_tree(tx: _Tx, vs: int) -> None:
+    """store._drop_vm_space's release of a tree: it stops being walked, the root loses the
+    VmSpace's reference, on_drop frees it at the last one."""
+    root = tx.root(vs)
+    i = frame_to_index(root.paddr)
+    s = tx.slot(i)
+    tx.put_slot(i, dataclasses.replace(s, paths=s.paths - {()}))
+    tx.detached[root.paddr] = root
+    for k in TOP_LEVEL_USER_ENTRIES:
+        if pte_is_present(root.entries[k]):
+            store._detach(tx, vs, pte_paddr(root.entries[k]), stray=False)
+    tx.nodes.pop(vs, None)
+    tx.put_frame(root.paddr)
+
+
+@_handles(o.DropVmSpace)
+def _drop_vm_space(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """The active VmSpace is kept alive by the activation's Arc: its handle goes (the registry
+    entry becomes a leaked root, still walked), nothing is freed until the next activate."""
+    assert isinstance(op, o.DropVmSpace)
+    if op.vs == 0 or op.vs != tx.base.active or op.vs not in tx.vm_spaces:
+        return store._drop_vm_space(tx, op, alloc)
+    view = tx.vm_spaces[op.vs]
+    if view.cursor:
+        raise _Err(ErrorCode.VM_SPACE_BUSY)
+    del tx.vm_spaces[op.vs]
+    tx.leaked[op.vs] = dataclasses.replace(view, cursor=0)
+    return _ok(op)
 
 
 @_handles(o.OpenCursor)

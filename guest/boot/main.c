@@ -45,6 +45,9 @@ void kmain(u64 magic, u64 mbi_pa) {
     kspace_init(mbi_pa);
     meta_init();
     registry_init(mm.registry_base);
+#if HIL_EXEC_UPSTREAM
+    frame_inc_ref(mm.kernel_root);  /* first_activate: the CPU's reference on the kernel root */
+#endif
     fill_layout();
     log_kv("ram_size ", mm.ram_size);
     log_kv("meta_base ", mm.meta_base);

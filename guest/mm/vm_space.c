@@ -1,6 +1,38 @@
 /* VmSpace::new / drop and the harness-only Activate (spec §5.2, docs/semantics.md). */
 #include "mm.h"
 
+#if HIL_EXEC_UPSTREAM
+/* The active VmSpace (0: the kernel page table) is registry[0].w[5] (hil/target/abi.py): the
+ * CPU holds a reference on its root (PageTableNode::activate, U:mm/page_table/node/mod.rs:94)
+ * and, for a VmSpace, the Arc that keeps it alive (U:mm/vm_space.rs:126, ACTIVATED_VM_SPACE). */
+#define ACTIVE_VS (registry[0].w[5])
+
+static u64 activate_upstream(u64 vsid, u64 root) {
+    struct reg_entry *old_e = NULL;
+    u64 old = mm.kernel_root;
+    if (ACTIVE_VS) {
+        old_e = reg_find(HIL_REG_VM_SPACE, ACTIVE_VS);
+        if (!old_e)
+            old_e = reg_find(HIL_REG_LEAKED_ROOT, ACTIVE_VS);
+        if (!old_e)
+            hil_panic(HIL_PANIC_GUEST_ASSERT, "the active VmSpace has no registry entry");
+        old = old_e->w[0];
+    }
+    if (old == root)
+        return 0;  /* already active: nothing */
+    frame_inc_ref(root);  /* self.clone().into_raw(): may panic before anything changed */
+    write_cr3(root);
+    ACTIVE_VS = vsid;
+    pt_node_drop_ref(old);  /* the old root loses the CPU's reference */
+    if (old_e && old_e->kind == HIL_REG_LEAKED_ROOT) {
+        /* the `last` Arc was the dropped VmSpace's last owner: its PageTable drops the root */
+        reg_free(old_e);
+        pt_node_drop_ref(old);
+    }
+    return 0;
+}
+#endif
+
 u64 op_vm_space(u64 op) {
     u64 a0 = mb_arg(0);
     struct reg_entry *e;
@@ -36,6 +68,13 @@ u64 op_vm_space(u64 op) {
          * every child of user entries 0..255 (TOP_LEVEL_INDEX_RANGE): the whole user tree is
          * freed, each mapped frame loses one reference per PTE (docs/semantics.md). */
         u64 root = e->w[0];
+#if HIL_EXEC_UPSTREAM
+        if (a0 == ACTIVE_VS) {  /* the activation's Arc keeps it alive until the next activate */
+            e->kind = HIL_REG_LEAKED_ROOT;
+            e->w[1] = 0;
+            return 0;
+        }
+#endif
         reg_free(e);
         /* harness-only: the CPU must not keep a freed root in CR3 (exec's activate would hold
          * a reference on it; the guest does not model that reference, docs/semantics.md). */
@@ -45,6 +84,13 @@ u64 op_vm_space(u64 op) {
         return 0;
     }
     case HIL_OP_ACTIVATE:
+#if HIL_EXEC_UPSTREAM
+        if (a0 == 0)
+            return activate_upstream(0, mm.kernel_root);
+        if (!(e = reg_find(HIL_REG_VM_SPACE, a0)))
+            return HIL_ERR_BAD_ID;
+        return activate_upstream(a0, e->w[0]);
+#endif
         if (a0 == 0) {
             write_cr3(mm.kernel_root);
             return 0;

@@ -232,6 +232,8 @@ def diff_states(index: int, before: State, guest: State, model: State) -> list[F
     out += _diff_maps(index, "SEGMENT_HANDLE", guest.segments, model.segments)
     out += _diff_maps(index, "UNIQUE_HANDLE", guest.uniques, model.uniques)
     out += _diff_maps(index, "NEXT_ID", guest.next_ids, model.next_ids)
+    if guest.active != model.active:  # EXEC=upstream: the VmSpace holding the CPU's reference
+        out.append(Finding(Kind.IMPL, index, "ACTIVE", "vs", guest=guest.active, model=model.active))
     return out
 
 

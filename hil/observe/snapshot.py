@@ -539,6 +539,7 @@ class Registry:
     cursors: dict[int, CursorView] = field(default_factory=dict)
     leaked: dict[int, int] = field(default_factory=dict)  # old vs id -> root
     anomalies: list[Anomaly] = field(default_factory=list)
+    active: int = 0  # counters w5: the active VmSpace of an EXEC=upstream guest (0: kernel; vostd: 0)
 
 
 def decode_registry(raw: bytes | bytearray, *, base: int = 0, entry_size: int = abi.REGISTRY_ENTRY_SIZE,
@@ -563,6 +564,7 @@ def decode_registry(raw: bytes | bytearray, *, base: int = 0, entry_size: int = 
                 bad(i, kind, f"kind {kind}, expected the counters entry ({abi.REG_COUNTERS})")
             else:
                 reg.next_ids = dict(zip(COUNTER_KEYS, w[: len(COUNTER_KEYS)], strict=False))
+                reg.active = w[len(COUNTER_KEYS)]
             continue
         if kind == abi.REG_FREE:
             if ident or any(w):  # reg_free zeroes the whole entry: every byte is compared
@@ -1125,6 +1127,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         uniques=dict(sorted(reg.uniques.items())),
         leaked=leaked,
         next_ids=reg.next_ids,
+        active=reg.active,
         kernel_root=layout.kernel_root,
         kernel_upper=read_kernel_upper(mem, layout.kernel_root),
         nr_slots=layout.slot_count,

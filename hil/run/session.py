@@ -452,6 +452,8 @@ class Session:
             slots.add(op.paddr // 4096)
         elif isinstance(op, m.SegmentFromUnused) and 0 <= op.start <= op.end <= lay.ram_size:
             slots.update(range(op.start // 4096, -(-op.end // 4096)))
+        elif isinstance(op, m.Activate) and lay.exec_name == "upstream":
+            slots.add(lay.kernel_root // 4096)  # the CPU's reference moves to / from the kernel root
         cursor = getattr(op, "cursor", None)
         cursors = (cursor,) if isinstance(cursor, int) else ()
         full_registry = False

@@ -119,6 +119,8 @@ class Workload:
         free = self._free_cursor_vs(state)
         if self.upstream and (not cursors or rng.random() < 0.06):
             return self._open_upstream(state)
+        if self.upstream and rng.random() < 0.015:  # the CPU's reference moves (upstream activate)
+            return m.Activate(vs=self._choice([0, *sorted(state.vm_spaces)]))
         # one cursor per VmSpace at most (two would deadlock in exec), several VmSpaces at once
         if free and (not cursors or rng.random() < 0.04):
             start, end = self._range()

@@ -283,3 +283,33 @@ def test_upstream_only_finding_class(key: tuple[str, str], exec_name: str) -> No
     reported = any((str(f.kind), f.clause) == key for f in findings)
     assert reported == (exec_name == "upstream"), [f.describe() for f in findings]
     assert not [f for f in findings if f.kind == Kind.IMPL], "guest and model must agree"
+
+
+def counters_w5(s: Session) -> int:
+    assert s.memory is not None and s.layout is not None
+    return int.from_bytes(s.memory.read(s.layout.registry_base + 16 + 5 * 8, 8), "little")
+
+
+def test_activate_takes_a_reference_and_an_active_dropped_vm_space_lives_until_the_next(fresh: Session) -> None:
+    s = fresh
+    assert s.layout is not None
+    kr = s.layout.kernel_root
+    assert raw_rc(s, kr) == 2 and counters_w5(s) == 0  # first_activate: the CPU's reference
+    vs, c = new_space(s)
+    root = s.snapshot().vm_spaces[vs].root
+    f, paddr = frame(s, 0)
+    ok(s, m.Map(cursor=c, frame=f))
+    ok(s, m.DropCursor(cursor=c))
+    ok(s, m.Activate(vs=vs))
+    assert s.cr3() & ~0xFFF == root and counters_w5(s) == vs
+    assert raw_rc(s, root) == 2 and raw_rc(s, kr) == 1  # moved from the kernel root to this one
+    ok(s, m.Activate(vs=vs))  # already active: nothing
+    assert raw_rc(s, root) == 2 and raw_rc(s, kr) == 1
+    ok(s, m.DropVmSpace(vs=vs))  # the activation's Arc keeps it: nothing freed
+    st = s.snapshot()
+    assert vs not in st.vm_spaces and st.leaked[vs].root == root and st.active == vs
+    assert raw_rc(s, root) == 2 and raw_rc(s, paddr) == 1 and s.cr3() & ~0xFFF == root
+    ok(s, m.Activate(vs=0))  # the last Arc and the CPU's reference go: the tree is freed
+    st = s.snapshot()
+    assert not st.leaked and st.active == 0 and s.cr3() & ~0xFFF == kr
+    assert raw_rc(s, root) == (1 << 64) - 1 and raw_rc(s, paddr) == (1 << 64) - 1 and raw_rc(s, kr) == 2

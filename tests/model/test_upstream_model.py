@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from model import ops as o
@@ -9,7 +11,7 @@ from model import store, upstream
 from model.ops import OpResult, PanicCode
 from model.state import State
 from model.types import PAGE_SIZE, CachePolicy, PageFlags, PageProperty, PrivFlags, PropTransform, pte_index
-from tests.model.model_helpers import BASE, LAY, data
+from tests.model.model_helpers import BASE, LAY, data, with_slot
 
 
 class Up:
@@ -115,3 +117,22 @@ def test_protect_next_to_write_combining_is_encoded_not_a_panic() -> None:
     tr = PropTransform(cache=int(CachePolicy.WRITE_COMBINING))
     res = r.ok(o.ProtectNext(cursor=c, len=PAGE_SIZE, transform=tr))
     assert res.get("found") == 1 and r.leaf(vs, 0) & 0x18 == 0x10
+
+
+def test_activate_moves_the_cpu_reference_and_frees_an_active_dropped_space_at_the_next() -> None:
+    r = Up()
+    kr = r.state.kernel_root
+    k = r.state.slot_of(kr)
+    r.state = with_slot(r.state, kr // PAGE_SIZE, dataclasses.replace(k, rc=k.rc + 1))  # first_activate
+    vs, c = r.space()
+    root = r.state.vm_spaces[vs].root
+    r.ok(o.Map(cursor=c, frame=r.frame(0)))
+    r.ok(o.DropCursor(cursor=c))
+    r.ok(o.Activate(vs=vs))
+    assert r.state.active == vs and r.state.slot_of(root).rc == 2 and r.state.slot_of(kr).rc == k.rc
+    r.ok(o.DropVmSpace(vs=vs))
+    assert vs in r.state.leaked and r.state.slot_of(root).rc == 2 and r.state.slot_of(data(0)).rc == 1
+    r.ok(o.Activate(vs=0))
+    assert not r.state.leaked and r.state.active == 0
+    assert r.state.slot_of(root).rc == (1 << 64) - 1 and r.state.slot_of(data(0)).rc == (1 << 64) - 1
+    assert r.state.slot_of(kr).rc == k.rc + 1
