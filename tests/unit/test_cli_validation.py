@@ -97,3 +97,23 @@ def test_the_default_image_passes_the_image_check() -> None:
 def test_nothing_was_started(isolated: Path) -> None:
     tag = os.environ["HIL_RUN_TAG"]
     assert leftover_processes(tag) == [] and leftover_files(tag) == []
+
+
+def test_other_commands_refuse_bad_input_in_one_line(isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hil ci (a config with unknown keys), hil nightly (counts), hil debug (a missing trace)."""
+    cfg = isolated / "ci.toml"
+    cfg.write_text('profiles = ["default"]\nseedz = [1]\n[images.default]\npath = "kernel.elf"\n')
+    cases = [
+        (["ci", "--config", str(cfg)], "unknown keys ['seedz']"),
+        (["nightly", "--out", str(isolated / "n"), "--workers", "-1"], "--workers"),
+        (["nightly", "--out", str(isolated / "n"), "--budget", "0s"], "--budget"),
+        (["debug", str(isolated / "missing.jsonl")], "missing.jsonl"),
+    ]
+    for argv, needle in cases:
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code  # type: ignore[assignment]
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, code, err)
+    assert sorted(p.name for p in isolated.iterdir()) == ["ci.toml"]
