@@ -9,13 +9,16 @@ def timeout_scale() -> float:
     """Every deadline is multiplied by HIL_TIMEOUT_SCALE (slow CI machines, valgrind...) and by
     the machine's load per CPU when it is above 1 (three test suites on two cores): a deadline
     only ever grows with load, so a busy machine is never mistaken for a hung guest."""
+    return env_timeout_scale() * load_factor()
+
+
+def env_timeout_scale() -> float:
+    """HIL_TIMEOUT_SCALE alone (what a child process should be given: it adds the load itself)."""
     try:
         value = float(os.environ.get("HIL_TIMEOUT_SCALE", "1"))
     except ValueError:
-        value = 1.0
-    if not value > 0:
-        value = 1.0
-    return value * load_factor()
+        return 1.0
+    return value if value > 0 else 1.0
 
 
 def load_factor() -> float:

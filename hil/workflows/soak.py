@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hil.errors import timeout_scale
+from hil.errors import env_timeout_scale, timeout_scale
 from hil.run.trace import TraceError, read_trace
 from hil.target.machine import REPO, leftover_files, leftover_gdbs, leftover_processes
 
@@ -213,7 +213,7 @@ def soak(
         n = 0
         while time.monotonic() < deadline:
             image = rng.choice(images)
-            leg = Leg(n, rng, work, image, ops=rng.choice((300, 600, 1000)), scale=0.5 * timeout_scale())
+            leg = Leg(n, rng, work, image, ops=rng.choice((300, 600, 1000)), scale=0.5 * env_timeout_scale())
             n += 1
             leg.run(mean_gap_s, deadline)
             procs, files = leg.census()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from hil.errors import InfraError, timeout_scale
+from hil.errors import InfraError, env_timeout_scale, timeout_scale
 from hil.run.session import Session
 from hil.run.trace import read_trace
 from hil.target.machine import Machine, Profile, leftover_files, leftover_gdbs, leftover_processes
@@ -76,7 +76,8 @@ class Done:
 
 
 def env_for(tag: str, scale: float = 1.0, **extra: str) -> dict[str, str]:
-    return {**os.environ, "HIL_RUN_TAG": tag, "HIL_TIMEOUT_SCALE": str(scale * timeout_scale()), **extra}
+    # the child scales by the load itself: pass on only the user's factor
+    return {**os.environ, "HIL_RUN_TAG": tag, "HIL_TIMEOUT_SCALE": str(scale * env_timeout_scale()), **extra}
 
 
 def hil(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
