@@ -547,29 +547,28 @@ def cmd_ci(args: argparse.Namespace) -> int:
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    out = Path(args.out).resolve()  # the cells get absolute paths
-    out.mkdir(parents=True, exist_ok=True)
+    from hil.target.elf import GuestElf
+    from hil.target.machine import Profile
+    from hil.workflows.scenarios import SCENARIOS
+
+    # bad input is one line before anything is built, started or created
+    bad = [n for n in cfg.scenarios if n not in SCENARIOS]
+    if bad:
+        raise ConfigError(f"unknown scenario(s) {bad} (known: {list(SCENARIOS)})")
+    for p in cfg.profiles:
+        Profile.load(p)
     if not args.no_build:
         try:
             _build_images(cfg, log)
         except InfraError as exc:
             print(f"hil ci: {exc.describe()}", file=sys.stderr)
             return EXIT_INFRA
-    from hil.workflows.scenarios import SCENARIOS
-
-    bad = [n for n in cfg.scenarios if n not in SCENARIOS]
-    if bad:
-        raise ConfigError(f"unknown scenario(s) {bad} (known: {list(SCENARIOS)})")
-    from hil.target.elf import GuestElf
-
     for image in cfg.images:
         if not image.path.is_file():
             raise ConfigError(f"image {image.label}: {image.path} not found (build it, or give its build argv)")
         GuestElf(image.path)  # an image without the ABI symbols: one line naming them, before any cell
-    for p in cfg.profiles:
-        from hil.target.machine import Profile
-
-        Profile.load(p)  # a bad profile is a one-line error before anything starts
+    out = Path(args.out).resolve()  # the cells get absolute paths
+    out.mkdir(parents=True, exist_ok=True)
     matrix = Matrix(cfg, out, baseline, log)
     t0 = time.monotonic()
     try:
