@@ -225,6 +225,23 @@ def test_a_machine_refuses_a_second_start_and_a_taken_run_directory(tmp_path: Pa
     assert "not sent by the harness" not in first.fate()
 
 
+def test_logs_are_kept_in_the_log_dir_after_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tag = new_tag()
+    monkeypatch.setenv("HIL_RUN_TAG", tag)
+    monkeypatch.setenv("HIL_LOG_DIR", str(tmp_path / "logs"))
+    with census(tag):
+        session = Session()
+        try:
+            session.boot()
+            machine = session.machine
+            assert machine is not None
+        finally:
+            session.close()
+    kept = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert kept == [f"{machine.tag}-qemu.log", f"{machine.tag}-serial.log"]
+    assert "hil: READY" in (tmp_path / "logs" / f"{machine.tag}-serial.log").read_text()
+
+
 def test_shared_ram_file_deleted_under_a_running_guest(tmp_path: Path) -> None:
     """The mapping outlives the name: the run goes on to the end, and nothing is left."""
     tag = new_tag()
@@ -339,7 +356,7 @@ def test_guest_fault_in_the_first_op_twice_is_exit_2(tmp_path: Path, fault_build
     (what, the QEMU command line, the serial log tail), the trace marked infra-error."""
     tag = new_tag()
     with census(tag):
-        done = run(tmp_path, tag, "--ops", "5", "--image", str(fault_build(kind, 1)), scale=0.2)
+        done = run(tmp_path, tag, "--ops", "5", "--image", str(fault_build(kind, 1)), scale=0.1)
     assert done.rc == 2, done.err
     assert_one_paragraph(done.err, "infrastructure error (not a finding)", "QEMU command line:",
                          "--- tail of serial log ---", *needles)  # fmt: skip
