@@ -838,7 +838,7 @@ class Footprint:
 
     Always read, whatever the op: the registry (or, with `registry_prefix`, its entries up to
     the highest live one plus a margin: the guest takes the lowest free entry), the slots of
-    the page-table pool up to the highest node ever seen, the slots of every node that
+    the page-table pool up to the highest node of this or the last snapshot, of every node that
     changed, appeared or went, of every target whose references changed, and of every handle
     whose registry entry changed (frames, uniques, segment ranges, roots). `slots` adds the
     op's own arguments and poked bytes. `all_nodes` re-reads every live node (cheap through
@@ -907,6 +907,23 @@ def read_kernel_upper(mem: PhysMemory, kernel_root: int) -> tuple[int, ...]:
     A bit)."""
     raw = mem.read((kernel_root & ADDR_MASK) + 8 * KERNEL_ROOT_ENTRIES.start, 8 * len(KERNEL_ROOT_ENTRIES))
     return tuple(e & ~AD_BITS for e in struct.unpack(f"<{len(KERNEL_ROOT_ENTRIES)}Q", raw))
+
+
+def _held_stray_nodes(mem: PhysMemory, layout: abi.Layout, table: SlotTable, *trees: Mapping[int, VmSpaceView]
+                      ) -> dict[int, PageTableNode]:  # fmt: skip
+    """EXEC=upstream: live page-table nodes of the pool that no walked tree reaches (taken out of
+    their tree while a FrameFromInUse handle held them), with their entries: the handle's last
+    drop runs on_drop over them (docs/semantics.md "Upstream exec")."""
+    reached = {p for views in trees for v in views.values() for p in v.nodes}
+    out: dict[int, PageTableNode] = {}
+    for i in range(layout.pt_pool_start // PAGE_SIZE, min(layout.pt_pool_end // PAGE_SIZE, layout.slot_count)):
+        s = table[i]
+        paddr = i * PAGE_SIZE
+        if s.rc == REF_COUNT_UNUSED or s.node is None or paddr in reached:
+            continue
+        raw = struct.unpack("<512Q", mem.read(paddr, PAGE_SIZE))
+        out[paddr] = PageTableNode(paddr, s.node.level, (), tuple(e & ~AD_BITS for e in raw))
+    return out
 
 
 def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *,
@@ -1118,6 +1135,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
 
     vm_spaces = {vs: view(("vs", vs), vs, root, cursor) for vs, (root, cursor) in sorted(reg.vm_spaces.items())}
     leaked = {vs: view(("leaked", vs), vs, root) for vs, root in sorted(reg.leaked.items())}
+    held = _held_stray_nodes(mem, layout, table, vm_spaces, leaked) if layout.exec_name == "upstream" else {}
     return State(
         slots=table,
         vm_spaces=vm_spaces,
@@ -1128,6 +1146,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         leaked=leaked,
         next_ids=reg.next_ids,
         active=reg.active,
+        held_nodes=held,
         kernel_root=layout.kernel_root,
         kernel_upper=read_kernel_upper(mem, layout.kernel_root),
         nr_slots=layout.slot_count,

@@ -9,13 +9,18 @@ The debugger on the hot path is `hil.target.stub.Stub` (one remote-protocol exch
 `driver="gdb"` uses gdb/MI instead (both are `Target`s). Under KVM the breakpoint is a
 hardware one (Z1 / hbreak): KVM refuses a software breakpoint on a kernel VA at -S.
 
-Reset (after a PANIC / EXCEPTION) restores the booted machine without a new QEMU: the guest's
-RAM that holds state (kernel image with .data/.bss, registry, metadata, kernel tables, and the
-page-table pool up to the highest node ever allocated) is written back from a copy taken at the
-READY stop, and every register (CR3 too, which flushes QEMU's TLB) from the `g` taken there.
-The guest recovers from a panic or exception itself and stops at hil_op_done, so the CPU is
-at the same place in the same loop; `reset()` falls back to a reboot when it is not (QEMU
-gone, gdb/MI driver, stop elsewhere).
+Snapshot: with a previous State, only the last op's footprint is read (hil.observe.snapshot
+`Footprint`: what the op can have written, plus every poked byte), and every `full_every`
+snapshots everything is read too; what the footprints missed becomes an UNLOGGED anomaly.
+
+Reset (after a PANIC / EXCEPTION) goes back to the reset point (the READY stop, or
+`mark_reset_point`) without a new QEMU: the guest recovers from a panic or exception itself
+and stops at hil_op_done, so the harness writes back what changed since (the slots and registry
+entries the snapshots saw change, kernel .data/.bss, the page-table pool pages seen as nodes
+plus a margin) from the reset point's bytes, and every register from the `g` taken there
+(CR3 too: QEMU flushes its TLB). The result is byte-identical to a fresh boot
+(tests/hil/test_perf_reset.py). `reset()` reboots instead when it cannot (QEMU gone, gdb/MI
+driver, a poke where the reset point's bytes are not kept, gdb-only ops no snapshot saw).
 """
 
 from __future__ import annotations
@@ -497,6 +502,10 @@ class Session:
             verify = full or self._force_full or self._ops_since_snapshot > 1
             verify = verify or (self.full_every > 0 and self._since_full >= self.full_every)
             fp = self.footprint()
+            if prev.held_nodes and isinstance(self._last_op, m.FrameDrop):  # EXEC=upstream: on_drop
+                leaves = {e & 0x000F_FFFF_FFFF_F000 for n in prev.held_nodes.values() if n.level == 1
+                          for e in n.entries if e & 1}  # fmt: skip
+                fp = dataclasses.replace(fp, slots=fp.slots | {p // 4096 for p in leaves})
             try:
                 # the full read compares every byte with prev's cached bytes (decoding only what
                 # differs): a private copy of the cache, as the footprint read hands prev's on
