@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -208,3 +209,27 @@ def test_error_replies_and_a_closed_connection_are_infra_errors(fake: Callable[[
             stub.read_memory(0, 8)
     finally:
         stub.close()
+
+
+def test_disconnect_leaves_the_guest_stopped_for_another_debugger(fake: Callable[[Handler], Path]) -> None:
+    """Our breakpoints removed, physical mode off, no `D` (a detach would resume the guest)."""
+    seen: list[bytes] = []
+    memory = bytearray(4096)
+    handle = qemu_like(memory)
+
+    def handler(pkt: bytes) -> list[bytes]:
+        seen.append(pkt)
+        return handle(pkt)
+
+    stub = Stub()
+    stub.connect(fake(handler), timeout_s=5)
+    stub.insert_breakpoint(0x1000)
+    stub.insert_breakpoint(0x2000, hardware=True)
+    stub.set_physical_mode(True)
+    stub.disconnect()
+    assert not stub.alive()
+    deadline = time.monotonic() + 5
+    while len(seen) < 7 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen[4:] == [b"z0,1000,1", b"z1,2000,1", b"Qqemu.PhyMemMode:0"]
+    assert b"D" not in seen
