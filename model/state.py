@@ -240,6 +240,9 @@ class State:
     # EXEC=upstream: the VmSpace whose root the CPU holds a reference on (0: the kernel's); the
     # harness reads it from registry counters w5 (vostd builds: always 0)
     active: int = 0
+    # EXEC=upstream: live page-table nodes no walked tree reaches (a handle holds them), with their
+    # entries, for on_drop at the handle's last drop (paddr -> node; the snapshot reads them)
+    held_nodes: Mapping[int, PageTableNode] = field(default_factory=dict, compare=False, repr=False)
     kernel_root: int = 0
     kernel_upper: tuple[int, ...] = ()  # kernel root entries 256..511 (raw)
     nr_slots: int = 0

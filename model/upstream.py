@@ -24,6 +24,7 @@ from model.types import (
     USER_VA_END,
     CachePolicy,
     PageProperty,
+    Usage,
     align_down,
     frame_to_index,
     page_size,
@@ -190,6 +191,24 @@ def _drop_vm_space(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
         raise _Err(ErrorCode.VM_SPACE_BUSY)
     del tx.vm_spaces[op.vs]
     tx.leaked[op.vs] = dataclasses.replace(view, cursor=0)
+    return _ok(op)
+
+
+@_handles(o.FrameDrop)
+def _frame_drop(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """Frame::drop -> drop_last_in_place dispatches by vtable: the last reference of a page-table
+    node runs PageTablePageMeta::on_drop (U:mm/page_table/node/mod.rs:296), its children are
+    dropped (their entries: State.held_nodes, read by the snapshot)."""
+    assert isinstance(op, o.FrameDrop)
+    _live(tx.frames, op.frame)
+    paddr = tx.frames.pop(op.frame)
+    s = tx.slot(frame_to_index(paddr))
+    if s.rc == 1 and s.vt == int(Usage.PAGE_TABLE):
+        for held, node in tx.base.held_nodes.items():
+            tx.detached.setdefault(held, node)
+        tx.put_frame(paddr)
+    else:
+        store._drop_ref(tx, paddr)
     return _ok(op)
 
 

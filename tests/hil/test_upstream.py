@@ -313,3 +313,51 @@ def test_activate_takes_a_reference_and_an_active_dropped_vm_space_lives_until_t
     st = s.snapshot()
     assert not st.leaked and st.active == 0 and s.cr3() & ~0xFFF == kr
     assert raw_rc(s, root) == (1 << 64) - 1 and raw_rc(s, paddr) == (1 << 64) - 1 and raw_rc(s, kr) == 2
+
+
+def test_a_page_table_nodes_last_handle_drop_runs_on_drop(fresh: Session) -> None:
+    """FrameFromInUse on a level-1 node, unmap its 2 MiB subtree (the handle keeps the node
+    alive, out of every tree), drop the handle: on_drop releases the node's leaf."""
+    s = fresh
+    vs, c = new_space(s)
+    f, paddr = frame(s, 0)
+    ok(s, m.Map(cursor=c, frame=f))
+    view = s.snapshot().vm_spaces[vs]  # the walk, from guest memory
+    node = next(n.paddr for n in view.nodes.values() if n.level == 1)
+    h = ok(s, m.FrameFromInUse(paddr=node)).get("frame")
+    ok(s, m.Jump(cursor=c, va=4 << 20))  # out of the 2 MiB slot: the cursor pops to level 2
+    ok(s, m.Jump(cursor=c, va=0))
+    assert ok(s, m.Unmap(cursor=c, len=2 << 20)).get("num") == 1
+    st = s.snapshot()
+    assert raw_rc(s, node) == 1 and raw_rc(s, paddr) == 1 and node in st.held_nodes
+    assert st.held_nodes[node].entries[0] & 0x000F_FFFF_FFFF_F000 == paddr  # read from guest memory
+    ok(s, m.FrameDrop(frame=h))
+    assert raw_rc(s, node) == (1 << 64) - 1 and raw_rc(s, paddr) == (1 << 64) - 1
+    assert not s.snapshot().held_nodes
+
+
+def test_on_drop_through_the_checked_run_guest_and_model_agree() -> None:
+    """The same sequence through the Runner: the model (held_nodes from the snapshot) predicts
+    what the guest did, op by op (no IMPL finding); the leaf's slot ends UNUSED."""
+    from hil.check import Kind
+    from hil.run.runner import Runner
+
+    s = Session(image=build_upstream())
+    runner = Runner(s)
+    try:
+        runner.start()
+        assert s.layout is not None
+        data0 = s.layout.data_pool_start
+        for op in [m.NewVmSpace(), m.OpenCursorMut(vs=1, start=0, end=1 << 47), m.FrameFromUnused(paddr=data0),
+                   m.Map(cursor=1, frame=1)]:  # fmt: skip
+            runner.step(op)
+        assert runner.state is not None
+        node = next(n.paddr for n in runner.state.vm_spaces[1].nodes.values() if n.level == 1)
+        for op in [m.FrameFromInUse(paddr=node), m.Jump(cursor=1, va=4 << 20), m.Jump(cursor=1, va=0),
+                   m.Unmap(cursor=1, len=2 << 20), m.FrameDrop(frame=2)]:  # fmt: skip
+            runner.step(op)
+        findings = [f for r in runner.records for f in r.findings]
+        assert not [f for f in findings if f.kind == Kind.IMPL], [f.describe() for f in findings]
+        assert runner.state.slot_of(data0).rc == (1 << 64) - 1 and runner.state.slot_of(node).rc == (1 << 64) - 1
+    finally:
+        s.close()

@@ -161,6 +161,14 @@ u64 op_frame(u64 op) {
         u64 pa = e->w[0];
         reg_free(e);
         struct meta_slot *s = drop_check(pa);
+#if HIL_EXEC_UPSTREAM
+        if (s->vtable == HIL_USAGE_PAGE_TABLE) {
+            /* drop_last_in_place dispatches by vtable: a page-table node's last reference runs
+             * PageTablePageMeta::on_drop over its children (U:mm/page_table/node/mod.rs:296) */
+            pt_node_drop_ref(pa);
+            return 0;
+        }
+#endif
         if (SEEDED(5) && s->ref_count == 1) {
             /* seeded bug 5: the last drop tears the metadata down but leaves rc at 0 */
             meta_tear_down(s);
