@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hil.check import Finding
+from hil.errors import ConfigError
 from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.trace import Event, Poke, Record, Trace
@@ -127,11 +128,16 @@ def ddmin(items: list[SymbolicEvent], fails: Callable[[list[SymbolicEvent]], boo
     return items
 
 
+class ShrinkError(ConfigError, ValueError):
+    """Nothing to shrink: no such finding, or it does not come back on replay. Bad input (exit 2
+    with one line), not a harness error; a ValueError for callers that catch that."""
+
+
 def target_finding(trace: Trace, clause: str | None = None) -> Finding:
     for f in trace.findings:
         if clause is None or f.clause == clause:
             return f
-    raise ValueError("the trace has no finding" + (f" with clause {clause}" if clause else ""))
+    raise ShrinkError("the trace has no finding" + (f" with clause {clause}" if clause else ""))
 
 
 def shrink(
@@ -155,7 +161,7 @@ def shrink(
         return hit
 
     if not fails(events):
-        raise ValueError(f"the finding {sig} does not reproduce on replay")
+        raise ShrinkError(f"the finding {sig} does not reproduce on replay (another guest build?)")
     minimal = ddmin(events, fails)
     # rebuild concrete events with the ids a run of the minimal list produces
     records = run_events(make_session(), minimal)

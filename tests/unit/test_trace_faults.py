@@ -185,3 +185,13 @@ def test_resume_refuses_a_trace_the_workload_did_not_write(isolated: Path, capsy
     with pytest.raises(Exception, match="it was not written by this seed"):
         resume._same(point, 0, "op", rt(path).records[0].event, m.NewVmSpace())
     assert json.loads(path.read_text().splitlines()[-1])["status"] == "interrupted"
+
+
+def test_shrink_without_the_finding_is_a_one_line_error(isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = isolated / "t.jsonl"
+    write_run_trace(path)
+    assert cli.main(["shrink", str(path), "--clause", "NO-SUCH-CLAUSE"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "hil: the trace has no finding with clause NO-SUCH-CLAUSE"
+    tag = os.environ["HIL_RUN_TAG"]
+    assert leftover_processes(tag) == [] and leftover_files(tag) == []
