@@ -107,11 +107,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.error_rate, args.trace = h.get("error_rate", args.error_rate), args.resume
     profile = Profile.load(args.profile)
     if point is not None:
-        args.exec = point.header.get("exec", "vostd")
-    image = Path(args.image or EXEC_IMAGES[args.exec])
+        args.exec = point.header.get("exec")
+    image = Path(args.image or EXEC_IMAGES[args.exec or "vostd"])
     if not image.is_file():
-        raise ConfigError(f"{image} is missing: make -C guest EXEC={args.exec} B={image.parent.name} (scripts/setup)")
-    # the image must be a build of the exec asked for (hil_layout `exec`): refused at boot otherwise
+        raise ConfigError(f"{image} is missing: make -C guest EXEC={args.exec or 'vostd'} B={image.parent.name} "
+                          "(scripts/setup)")
+    # --exec: the image must be a build of that exec (hil_layout `exec`), refused at boot otherwise;
+    # without it the model is the one the image was built for
     session = Session(image=image, profile=profile, shared_ram=not args.gdb_only, exec_name=args.exec)
     if point is not None and point.header.get("guest_build_id") != session.elf.build_id:
         raise ConfigError(f"{args.resume}: recorded on guest build {point.header.get('guest_build_id')}, "
@@ -304,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile", type=argtypes.profile, default="default")
     run.add_argument("--image", type=argtypes.guest_image,
                      help="guest image (default: guest/build/kernel.elf, with --exec upstream guest/build-upstream/)")
-    run.add_argument("--exec", choices=tuple(EXEC_IMAGES), default="vostd",
-                     help="the exec the guest and the model follow (docs/semantics.md)")
+    run.add_argument("--exec", choices=tuple(EXEC_IMAGES),
+                     help="the exec the guest and the model follow (docs/semantics.md; default: the image's)")
     run.add_argument("--trace", type=argtypes.output_file, help="trace file (default traces/run-seed<S>-<time>.jsonl)")
     run.add_argument("--resume", metavar="TRACE", type=argtypes.readable_file,
                      help="continue an interrupted run from its last finished op (its seed, image, profile)")

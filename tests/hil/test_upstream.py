@@ -361,3 +361,58 @@ def test_on_drop_through_the_checked_run_guest_and_model_agree() -> None:
         assert runner.state.slot_of(data0).rc == (1 << 64) - 1 and runner.state.slot_of(node).rc == (1 << 64) - 1
     finally:
         s.close()
+
+
+def test_hil_run_exec_upstream_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hil run --exec upstream` boots the upstream image, checks with the upstream model (no IMPL
+    finding; its SPEC findings are about the spec against upstream); a vostd image with --exec
+    upstream is one line, exit 2; an upstream image without --exec runs the upstream model."""
+    import json
+
+    from hil import cli
+
+    build_upstream()
+    trace = tmp_path / "up.jsonl"
+    code = cli.main(["run", "--exec", "upstream", "--ops", "150", "--seed", "1", "--show", "none",
+                     "--trace", str(trace)])  # fmt: skip
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert code == 1 and lines[0]["exec"] == "upstream" and lines[0]["image"].endswith("build-upstream/kernel.elf")
+    kinds = {f["kind"] for x in lines for f in x.get("findings") or []}
+    assert "IMPL" not in kinds and "SPEC" in kinds
+    capsys.readouterr()
+    code = cli.main(["run", "--exec", "upstream", "--image", str(REPO / "guest" / "build" / "kernel.elf"),
+                     "--ops", "5", "--trace", str(tmp_path / "x.jsonl")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (f"hil: {REPO / 'guest' / 'build' / 'kernel.elf'} is an EXEC=vostd build; exec "
+                                     "upstream needs an EXEC=upstream build (make -C guest EXEC=upstream "
+                                     "B=build-upstream)")  # fmt: skip
+    trace2 = tmp_path / "img.jsonl"
+    code = cli.main(["run", "--image", str(UPSTREAM_IMAGE), "--ops", "60", "--seed", "2", "--show", "none",
+                     "--trace", str(trace2)])  # fmt: skip
+    lines = [json.loads(x) for x in trace2.read_text().splitlines()]
+    assert code == 1 and not [f for x in lines for f in x.get("findings") or [] if f["kind"] == "IMPL"]
+    # the upstream model ran: query results carry no handle (vostd's clone would)
+    queries = [x for x in lines if (x.get("event") or {}).get("op") == "Query" and x["result"]["status"] == "OK"]
+    assert all(dict(x["result"]["values"]).get("frame", 0) == 0 for x in queries)
+
+
+def test_flush_oracle_counts_pages_on_upstream() -> None:
+    """hil/check/oracles.expected_flushes: 32 single pages are 32 invlpgs on vostd (ops > 32 is
+    the threshold) but a flush-all on upstream (>= 32 pages)."""
+    from hil.check import oracles
+    from model import store
+    from tests.model.model_helpers import BASE, LAY
+
+    state: object = BASE
+    ops: list[m.Op] = [m.NewVmSpace(), m.OpenCursorMut(vs=1, start=0, end=1 << 47)]
+    for i in range(32):
+        ops += [m.FrameFromUnused(paddr=LAY.data_pool_start + i * PAGE_SIZE), m.Map(cursor=1, frame=i + 1)]
+    ops.append(m.Jump(cursor=1, va=0))
+    for op in ops:
+        _, state = store.step(state, op)  # type: ignore[arg-type]
+    unmap = m.Unmap(cursor=1, len=32 * PAGE_SIZE)
+    res, after = store.step(state, unmap)  # type: ignore[arg-type]
+    assert res.get("num") == 32
+    vostd = oracles.expected_flushes(unmap, state, after, res)  # type: ignore[arg-type]
+    up = oracles.expected_flushes(unmap, state, after, res, "upstream")  # type: ignore[arg-type]
+    assert vostd == tuple(i * PAGE_SIZE for i in range(32)) and up == (abi.FLUSH_LOG_ALL,)
