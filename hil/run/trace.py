@@ -110,6 +110,7 @@ class TraceWriter:
             self._fh: TextIO | None = open(path, "a" if resume is not None else "w", encoding="utf-8")  # noqa: SIM115
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
             raise TraceWriteError(f"cannot open the trace {path} for writing: {exc}") from exc
+        self._whole = path.stat().st_size if resume is not None else 0  # bytes of whole lines
         if resume is not None:
             self._write({"type": "resume", **resume})
         else:
@@ -118,23 +119,29 @@ class TraceWriter:
     def _write(self, obj: dict[str, Any]) -> None:
         if self._fh is None:
             raise TraceWriteError(f"the trace {self.path} is closed")
+        text = json.dumps(obj, sort_keys=True) + "\n"
         try:
-            self._fh.write(json.dumps(obj, sort_keys=True) + "\n")
+            self._fh.write(text)
             self._fh.flush()
         except OSError as exc:
             self._abandon()
             raise TraceWriteError(
-                f"cannot write the trace {self.path}: {exc}; its first {self.lines} lines are kept"
+                f"cannot write the trace {self.path}: {exc}; every line before it is kept, whole"
             ) from exc
         self.lines += 1
+        self._whole += len(text.encode())
 
     def _abandon(self) -> None:
-        """After a write error: close without writing more (the buffer may hold a part line)."""
+        """After a write error: close without writing more, and cut the part of a line the
+        failed write may have left, so the trace stays readable (and resumable once there is
+        room again)."""
         fh, self._fh = self._fh, None
         if fh is not None:
             # close() retries the failed flush, then closes the file descriptor whatever happens
             with contextlib.suppress(OSError):
                 fh.close()
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, self._whole)
 
     def record(self, index: int, event: Event, result: m.OpResult | None, findings: list[Finding]) -> None:
         line: dict[str, Any] = {"type": "event", "index": index, "event": event.to_json()}

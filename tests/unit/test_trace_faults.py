@@ -129,7 +129,7 @@ def test_a_write_error_mid_run_keeps_the_lines_before_it(tmp_path: Path) -> None
     full = os.open("/dev/full", os.O_WRONLY)
     os.dup2(full, w._fh.fileno())
     os.close(full)
-    with pytest.raises(TraceWriteError, match=r"No space left on device; its first 2 lines are kept"):
+    with pytest.raises(TraceWriteError, match=r"No space left on device; every line before it is kept"):
         w.record(1, Poke(0x1000, b"\x01"), None, [])
     w.close("infra-error")  # nothing more to write: no second error
     assert w.closed
