@@ -48,7 +48,7 @@ CORRUPTIONS = {
     "event lost": lambda ls: [ls[0], *ls[2:]],
     "events reordered": lambda ls: [ls[0], ls[2], ls[1], *ls[3:]],
     "after the end": lambda ls: [*ls, ls[1]],
-    "unknown end status": lambda ls: [*ls[:-1], '{"type": "end", "status": "weird"}\n'],
+    "end without a status": lambda ls: [*ls[:-1], '{"type": "end", "status": 3}\n'],
     "resume before an event": lambda ls: [ls[0], '{"type": "resume"}\n', ls[2], *ls[3:]],
 }
 
