@@ -85,7 +85,17 @@ class Runner:
 
     def start(self) -> list[Finding]:
         """Boot and check the invariants of the boot state (op index -1)."""
-        self.session.boot()
+        try:
+            self.session.boot()
+        except InfraError as exc:
+            # a machine that did not come up (killed, a deadline on a loaded machine): one more
+            # try, like an op's retry; a second failure is the run's infrastructure error
+            if isinstance(exc, TraceWriteError):
+                raise
+            self.stats.infra_retries += 1
+            if self.writer is not None:
+                self.writer.note("infra-retry", index=self.index, error=exc.what, lost=None)
+            self.session.boot()
         self.state = self.session.snapshot()
         if self.session.layout is not None:
             self.exec_name = self.session.layout.exec_name

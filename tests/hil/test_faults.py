@@ -191,6 +191,8 @@ def test_qemu_refusing_to_start_is_exit_2_with_the_reason(tmp_path: Path, what: 
     assert_one_paragraph(done.err, *needles)
     assert "Traceback" not in done.err
     assert done.end()["status"] == "infra-error" and done.events() == []
+    # the boot was tried twice (a machine that does not come up gets one more try)
+    assert [x["what"] for x in done.lines() if x["type"] == "note"] == ["infra-retry"]
 
 
 def test_a_missing_gdb_is_an_infra_error(monkeypatch: pytest.MonkeyPatch) -> None:
