@@ -65,7 +65,7 @@ def parse_duration(text: str) -> float:
 def dask_run_chunk(spec: ChunkSpec, topic: str, stop_name: str) -> ChunkResult:
     """run_chunk with its progress published to the client (`log_event`) and its stop flag read
     from a cluster-wide Event (a stop request reaches workers on other machines too)."""
-    from distributed import Event, get_worker
+    from distributed import Event, get_client, get_worker
 
     worker = get_worker()
     event = Event(stop_name)
@@ -83,8 +83,20 @@ def dask_run_chunk(spec: ChunkSpec, topic: str, stop_name: str) -> ChunkResult:
                 last[1] = bool(event.is_set())
         return bool(last[1])
 
+    # on a cluster whose scheduler reschedules tasks of dead workers itself (allowed-failures > 0,
+    # the default of an existing cluster), a rerun is this task started again: say so in the result
+    mark = ["hil-nightly", topic, spec.chunk_id, str(spec.attempt)]
+    before = None
+    with contextlib.suppress(Exception):  # the scheduler's metadata is best effort
+        client = get_client()
+        before = client.get_metadata(mark, default=None)
+        client.set_metadata(mark, worker.address)
     progress(0)
-    return run_chunk(spec, progress, should_stop)
+    r = run_chunk(spec, progress, should_stop)
+    if before:
+        why = f"the scheduler redid the chunk after losing worker {before}"
+        r.retries.append({"attempt": spec.attempt, "reason": "worker lost", "error": why, "worker": before})
+    return r
 
 
 def dask_run_shrink(spec: ShrinkSpec) -> ShrinkResult:
@@ -364,7 +376,7 @@ class Coordinator:
                         raise _NoCluster(f"cannot reach the Dask scheduler {opts.scheduler}: {exc}") from None
                 else:
                     cluster = LocalCluster(
-                        n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                         memory_limit=0, silence_logs=logging.ERROR, preload=["hil.workflows.nightly"],
                     )  # fmt: skip
                     client = Client(cluster)
