@@ -21,6 +21,8 @@ from hil.errors import TraceWriteError
 from model import ops as m
 
 TRACE_VERSION = 1
+# header fields the commands use (image, profile to boot; seed, ops to resume), when present
+HEADER_TYPES: dict[str, type] = {"image": str, "profile": str, "guest_build_id": str, "seed": int, "ops": int}
 
 
 class TraceError(ValueError):
@@ -214,6 +216,9 @@ def read_trace(path: Path) -> Trace:
                 raise TraceError(f"{path}:1: the first line is not a trace header")
             if obj.get("version") != TRACE_VERSION:
                 raise TraceError(f"{path}: trace version {obj.get('version')!r}, this tool reads {TRACE_VERSION}")
+            for key, kind in HEADER_TYPES.items():
+                if obj.get(key) is not None and not isinstance(obj[key], kind):
+                    raise TraceError(f"{path}:1: header field {key} is {obj[key]!r}, not {kind.__name__}")
             header = obj
             continue
         if end is not None:

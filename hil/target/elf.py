@@ -31,6 +31,8 @@ class GuestElf:
         if not path.is_file():
             raise AbiError(f"guest image {path} not found")
         self.data = path.read_bytes()
+        if self.data[:4] != b"\x7fELF":  # pyelftools' ELFError would read as a harness bug
+            raise AbiError(f"{path}: not an ELF file (a guest image is guest/build/kernel.elf)")
         with open(path, "rb") as fh:
             elf = ELFFile(fh)
             if elf.get_machine_arch() != "x64":

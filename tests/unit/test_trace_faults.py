@@ -39,6 +39,7 @@ CORRUPTIONS = {
     "not json": lambda ls: [ls[0], "{this is not json\n", *ls[2:]],
     "binary garbage": lambda ls: [ls[0], "\x00\x01\x02\xff\n", *ls[2:]],
     "truncated mid-line": lambda ls: [*ls[:3], ls[3][: len(ls[3]) // 2]],
+    "header field of a wrong type": lambda ls: [ls[0].replace('"seed": 1', '"seed": "one"'), *ls[1:]],
     "wrong version": lambda ls: [ls[0].replace('"version": 1', '"version": 99'), *ls[1:]],
     "no header": lambda ls: ls[1:],
     "not a record": lambda ls: [ls[0], "[1, 2, 3]\n", *ls[2:]],
