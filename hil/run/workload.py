@@ -6,6 +6,11 @@ of absent and present VAs, protect with every cache policy, frames cloned by que
 dropped, segments and unique frames, and error-path ops at a configurable rate. The same
 seed on the same guest gives the same ops (the choices depend only on the seed and the
 observed state, which a deterministic guest reproduces).
+
+The VAs a map / unmap / protect_next affects are touched right before it, so the TLB holds
+them: the MMU probes do that inside the op's own request (hil/check/oracles.py), so no
+workload op is spent on it and nothing between the touch and the op evicts the entries.
+`hil/run/outcomes.py` measures which outcomes of each op a run reached.
 """
 
 from __future__ import annotations
@@ -375,6 +380,12 @@ class Workload:
             return self._error_op(state)
         c = self._choice(cursors)
         cur = state.cursors[c]
+        if self.upstream and cur.mutable and state.frames and self.rng.random() < 0.3:
+            view = state.vm_spaces.get(cur.vs)
+            mapped = sorted(va for va in (view.mappings() if view else ()) if cur.start <= va < cur.end)
+            if mapped:  # upstream: map over a mapped page panics (MAP_ALREADY_MAPPED)
+                self.plan = [m.Map(cursor=c, frame=self._choice(sorted(state.frames)))]
+                return m.Jump(cursor=c, va=self._choice(mapped))
         pick = self.rng.randrange(3)
         if pick == 0:
             return m.FindNext(cursor=c, len=PAGE_SIZE + 1)
