@@ -187,7 +187,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     finally:
         session.close()
-        writer.close(status, finished=now(), ops_done=runner.stats.total_ops, **error)
+        # a resumed run stopped while re-running the trace's ops still has all of them in it
+        ops_done = max(runner.stats.total_ops, point.done if point is not None else 0)
+        writer.close(status, finished=now(), ops_done=ops_done, **error)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(summary(runner, trace_path, len(boot_findings)))
