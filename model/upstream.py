@@ -212,6 +212,24 @@ def _frame_drop(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     return _ok(op)
 
 
+@_handles(o.UniqueDrop)
+def _unique_drop(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
+    """UniqueFrame::drop -> drop_last_in_place: on a page-table node (a held node turned unique
+    by TryFromShared) on_drop drops its children, as FrameDrop's last reference does."""
+    assert isinstance(op, o.UniqueDrop)
+    _live(tx.uniques, op.unique)
+    paddr = tx.uniques[op.unique]
+    s = tx.slot(frame_to_index(paddr))
+    if s.vt != int(Usage.PAGE_TABLE):
+        return store._unique_drop(tx, op, alloc)
+    del tx.uniques[op.unique]
+    tx.put_slot(frame_to_index(paddr), dataclasses.replace(s, rc=1))
+    for held, node in tx.base.held_nodes.items():
+        tx.detached.setdefault(held, node)
+    tx.put_frame(paddr)
+    return _ok(op)
+
+
 @_handles(o.OpenCursor)
 @_handles(o.OpenCursorMut)
 def _open_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:

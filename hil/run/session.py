@@ -502,7 +502,7 @@ class Session:
             verify = full or self._force_full or self._ops_since_snapshot > 1
             verify = verify or (self.full_every > 0 and self._since_full >= self.full_every)
             fp = self.footprint()
-            if prev.held_nodes and isinstance(self._last_op, m.FrameDrop):  # EXEC=upstream: on_drop
+            if prev.held_nodes and isinstance(self._last_op, (m.FrameDrop, m.UniqueDrop)):  # upstream: on_drop
                 leaves = {e & 0x000F_FFFF_FFFF_F000 for n in prev.held_nodes.values() if n.level == 1
                           for e in n.entries if e & 1}  # fmt: skip
                 fp = dataclasses.replace(fp, slots=fp.slots | {p // 4096 for p in leaves})

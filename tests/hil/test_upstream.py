@@ -336,9 +336,11 @@ def test_a_page_table_nodes_last_handle_drop_runs_on_drop(fresh: Session) -> Non
     assert not s.snapshot().held_nodes
 
 
-def test_on_drop_through_the_checked_run_guest_and_model_agree() -> None:
+@pytest.mark.parametrize("last_drop", ["FrameDrop", "UniqueDrop"])
+def test_on_drop_through_the_checked_run_guest_and_model_agree(last_drop: str) -> None:
     """The same sequence through the Runner: the model (held_nodes from the snapshot) predicts
-    what the guest did, op by op (no IMPL finding); the leaf's slot ends UNUSED."""
+    what the guest did, op by op (no IMPL finding); the leaf's slot ends UNUSED. The last
+    reference goes as a Frame, or as a UniqueFrame (TryFromShared at rc 1 first)."""
     from hil.check import Kind
     from hil.run.runner import Runner
 
@@ -354,8 +356,15 @@ def test_on_drop_through_the_checked_run_guest_and_model_agree() -> None:
         assert runner.state is not None
         node = next(n.paddr for n in runner.state.vm_spaces[1].nodes.values() if n.level == 1)
         for op in [m.FrameFromInUse(paddr=node), m.Jump(cursor=1, va=4 << 20), m.Jump(cursor=1, va=0),
-                   m.Unmap(cursor=1, len=2 << 20), m.FrameDrop(frame=2)]:  # fmt: skip
+                   m.Unmap(cursor=1, len=2 << 20)]:  # fmt: skip
             runner.step(op)
+        last: list[m.Op] = [m.FrameDrop(frame=2)]
+        if last_drop == "UniqueDrop":
+            last = [m.TryFromShared(frame=2), m.UniqueDrop(unique=1)]
+        for op in last:
+            rec = runner.step(op)
+            assert rec.result is not None and rec.result.status == m.Status.OK
+        assert not runner.state.held_nodes
         findings = [f for r in runner.records for f in r.findings]
         assert not [f for f in findings if f.kind == Kind.IMPL], [f.describe() for f in findings]
         assert runner.state.slot_of(data0).rc == (1 << 64) - 1 and runner.state.slot_of(node).rc == (1 << 64) - 1

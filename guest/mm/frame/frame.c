@@ -263,6 +263,13 @@ u64 op_frame(u64 op) {
             return HIL_ERR_BAD_ID;
         u64 pa = e->w[0];
         reg_free(e);
+#if HIL_EXEC_UPSTREAM
+        if (meta_slot(pa)->vtable == HIL_USAGE_PAGE_TABLE) {  /* drop_last_in_place: on_drop too */
+            meta_slot(pa)->ref_count = 1;
+            pt_node_drop_ref(pa);
+            return 0;
+        }
+#endif
         meta_tear_down(meta_slot(pa));  /* UniqueFrame drop: UNIQUE -> UNUSED */
         return 0;
     }
