@@ -199,3 +199,29 @@ def test_gdb_mi_driver_is_interchangeable() -> None:
         assert s.boots == 2 and s.resets == 0 and s.snapshot().vm_spaces == {}
     finally:
         s.close()
+
+
+def test_a_poke_the_reset_cannot_undo_makes_it_a_reboot() -> None:
+    """The fast reset keeps kernel data, registry, metadata and pool bytes; a poke into the
+    kernel's own tables is none of those: the next reset starts a new QEMU."""
+    s = Session()
+    try:
+        s.boot()
+        assert s.layout is not None and s.memory is not None
+        state = s.snapshot()
+        entry = s.layout.kernel_root + 8 * 384  # an upper-half entry the guest never uses
+        s.poke(entry, struct.pack("<Q", s.read_u64(entry) ^ (1 << 63)))
+        state = s.snapshot(state)
+        assert not s.can_fast_reset()
+        s.reset()
+        assert s.boots == 2 and s.resets == 0
+        state = s.snapshot()
+        s.poke(s.layout.meta_base + 64 * 5000 + 56, struct.pack("<Q", 1))  # a slot: restorable
+        s.apply(m.Nop(value=1))
+        s.snapshot(state)
+        assert s.can_fast_reset()
+        s.reset()
+        assert s.boots == 2 and s.resets == 1
+        assert struct.unpack("<Q", s.memory.read(s.layout.meta_base + 64 * 5000 + 56, 8)) == (0,)
+    finally:
+        s.close()
