@@ -136,3 +136,32 @@ def test_activate_moves_the_cpu_reference_and_frees_an_active_dropped_space_at_t
     assert not r.state.leaked and r.state.active == 0
     assert r.state.slot_of(root).rc == (1 << 64) - 1 and r.state.slot_of(data(0)).rc == (1 << 64) - 1
     assert r.state.slot_of(kr).rc == k.rc + 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_ops_upstream_model_is_pure_and_never_breaks(seed: int) -> None:
+    """Random ops (model_helpers.random_op: bad ids, panics, several cursors per VmSpace) through
+    the upstream model: no exception of the model's own (a broken cursor path, a stale node), the
+    input State's cursors and trees are never mutated, and every live cursor's path from the root
+    to its guard node exists."""
+    import random
+
+    from tests.model.model_helpers import random_op
+
+    rng = random.Random(seed)
+    r = Up()
+    for _ in range(600):
+        op = random_op(rng, r.state)
+        before = r.state
+        cursors, spaces = dict(before.cursors), dict(before.vm_spaces)
+        res = r.do(op)
+        assert dict(before.cursors) == cursors and dict(before.vm_spaces) == spaces  # apply is pure
+        if res.status == o.Status.PANIC:
+            r.state = BASE  # the guest reboots after a panic
+        for c in r.state.cursors.values():
+            view = r.state.vm_spaces[c.vs]
+            node = view.nodes[view.root]
+            for level in range(4, c.guard_level, -1):
+                pte = node.entries[pte_index(c.start, level)]
+                assert pte & 1, (op, c)
+                node = view.nodes[pte & 0x000F_FFFF_FFFF_F000]
