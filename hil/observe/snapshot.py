@@ -840,7 +840,8 @@ class Footprint:
     the highest live one plus a margin: the guest takes the lowest free entry), the slots of
     the page-table pool up to the highest node of this or the last snapshot, of every node that
     changed, appeared or went, of every target whose references changed, and of every handle
-    whose registry entry changed (frames, uniques, segment ranges, roots). `slots` adds the
+    whose registry entry changed (frames, uniques, segment ranges, roots). The kernel root's
+    upper half is prev's unless `pages` names its page. `slots` adds the
     op's own arguments and poked bytes. `all_nodes` re-reads every live node (cheap through
     the shared RAM file); otherwise only the nodes whose VA span meets a mutable cursor's
     barrier (the only way an op writes a page table) and nodes of new trees."""
@@ -851,6 +852,7 @@ class Footprint:
     pt_pool: tuple[int, int] = (0, 0)  # [start, end) paddr of the page-table pool
     cursors: tuple[int, ...] = ()  # cursor ids the op names (their trees' barrier nodes are read)
     pages: frozenset[int] = frozenset()  # page paddrs to re-read if they are nodes (poked bytes)
+    merge_gap: int = 4  # slot runs closer than this are read as one (an exchange each through the stub)
 
 
 REGISTRY_MARGIN = 16  # entries past the highest live one read under `registry_prefix`
@@ -1080,7 +1082,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
                 for words in (old_reg[old_reg_at[i] * es : (old_reg_at[i] + 1) * es], raw_reg[i * es : (i + 1) * es]):
                     kind, _ident, *w = _ENTRY.unpack(words)
                     want.update(_handle_slots(kind, w, layout.slot_count))
-            for lo, hi in _runs(i for i in want if 0 <= i < layout.slot_count):
+            for lo, hi in _runs((i for i in want if 0 <= i < layout.slot_count), footprint.merge_gap):
                 new_meta = mem.read(layout.meta_base + 64 * lo, 64 * (hi - lo))
                 found = _changed_entries(raw_meta, new_meta, lo, 64)
                 for i in found:
@@ -1122,6 +1124,13 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         slots.update(bulk)
         table = SlotTable.dense(slots[i] for i in range(layout.slot_count))
 
+    # the kernel root's upper half: no op writes it (a poke names its page; a full read re-reads)
+    kroot_page = layout.kernel_root & ADDR_MASK
+    if footprint is not None and prev is not None and prev.kernel_upper and kroot_page not in footprint.pages:
+        kernel_upper = prev.kernel_upper
+    else:
+        kernel_upper = read_kernel_upper(mem, layout.kernel_root)
+
     def view(key: tuple[str, int], vs: int, root: int, cursor: int = 0) -> VmSpaceView:
         nodes = trees[key].nodes
         old_t = trees_before.get(key)
@@ -1148,7 +1157,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         active=reg.active,
         held_nodes=held,
         kernel_root=layout.kernel_root,
-        kernel_upper=read_kernel_upper(mem, layout.kernel_root),
+        kernel_upper=kernel_upper,
         nr_slots=layout.slot_count,
         registry_capacity=layout.registry_entries,
         parent=prev,

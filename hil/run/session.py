@@ -475,7 +475,7 @@ class Session:
         return Footprint(
             slots=frozenset(slots), all_nodes=self.shared_ram,
             registry_prefix=not self.shared_ram and not full_registry, pt_pool=(lay.pt_pool_start, lay.pt_pool_end),
-            cursors=cursors, pages=frozenset(pages),
+            cursors=cursors, pages=frozenset(pages), merge_gap=4 if self.shared_ram else 32,
         )  # fmt: skip
 
     def snapshot(self, prev: State | None = None, *, full: bool = False) -> State:

@@ -55,6 +55,11 @@ def _registry_entry(s: Session, kind: int, ident: int) -> int:
     raise AssertionError("no such registry entry")
 
 
+def _kroot(s: Session, index: int) -> int:
+    assert s.layout is not None
+    return s.layout.kernel_root + 8 * index
+
+
 def _u64(value: int) -> bytes:
     return struct.pack("<Q", value)
 
@@ -110,5 +115,20 @@ def test_corruption_next_to_an_op_that_writes_elsewhere(shared: bool) -> None:
         rec = runner.step(m.Query(cursor=1))
         assert rec.result is not None and rec.result.status == m.Status.OK
         assert runner.state is not None and runner.state.slot_of(frame_paddr).rc == 2  # the clone, the PTE
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["default", "gdb-only"])
+def test_a_poked_kernel_root_entry_is_in_the_next_state(shared: bool) -> None:
+    """The kernel root's upper half is read again only when a poke names its page (no op
+    writes it; the periodic full read covers the rest). The checks do not compare it with
+    the model today; the State must still carry what the guest holds."""
+    session, runner, _ = _setup(shared)
+    try:
+        new = session.read_u64(_kroot(session, 384)) ^ (1 << 63)  # NX of an entry the guest never uses
+        runner.step(Poke(_kroot(session, 384), _u64(new)))
+        runner.step(m.Nop(value=3))
+        assert runner.state is not None and runner.state.kernel_upper[384 - 256] == new & ~0x60  # A/D masked
     finally:
         session.close()
