@@ -175,7 +175,13 @@ class Night:
         """Keep a chunk's result (and its trace) as the one that counts for its id."""
         (self.out / "traces" / f"{r.chunk_id}.jsonl").write_text(r.trace_text, encoding="utf-8")
         _write_json(self.out / "chunks" / f"{r.chunk_id}.json", r.to_json(with_trace=False))
+        # a night holds gigabytes of traces: they live on disk, not in the coordinator
+        r.trace_text = ""
         self.results[r.chunk_id] = r
+        if r.counted:  # the live copy of a local worker is no longer needed (its log stays)
+            for suffix in ("jsonl", "spec.json"):
+                with contextlib.suppress(OSError):
+                    (self.out / "work" / f"{r.chunk_id}.a{r.attempt}.{suffix}").unlink()
 
     def record_shrink(self, key: str, outcome: dict[str, Any]) -> None:
         self.shrinks[key] = outcome
