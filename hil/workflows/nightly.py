@@ -634,10 +634,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             "baseline": str(baseline_path) if baseline_path else None, "legs": len(night.legs) + 1,
             # as read at the start: the report says what it judged by, whatever the file says later
             "baseline_signatures": sorted(group_key(k) for k in known)}  # fmt: skip
+    coordinator = Coordinator(opts, night, known, previous, meta)
     if night.spent_s >= budget:
         print(f"nightly: the budget of {out} is spent ({night.spent_s:.0f} s of {budget:.0f} s); "
-              "redoing nothing, writing the report", file=sys.stderr)  # fmt: skip
-    return Coordinator(opts, night, known, previous, meta).run()
+              "running nothing, writing the report", file=sys.stderr)  # fmt: skip
+        return coordinator._finish("complete")
+    return coordinator.run()
 
 
 def add_parser(subparsers: Any) -> None:

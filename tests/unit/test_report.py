@@ -190,3 +190,21 @@ def test_night_refuses_another_nights_directory(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         Night.open(tmp_path / "other", cfg)
     assert re.fullmatch(r"\d+", str(len(list((tmp_path / "n").iterdir()))))
+
+
+def test_plain_progress_lines():
+    import io
+
+    from hil.workflows.nightly import Progress
+
+    out = io.StringIO()  # not a terminal: plain lines, at most one per interval
+    p = Progress(interval=3600, stream=out)
+    p.on_event((0.0, {"chunk": "c00001", "attempt": 1, "ops": 0, "worker": "tcp://w1", "t": 100.0}))
+    p.on_event((0.0, {"chunk": "c00001", "attempt": 1, "ops": 50, "worker": "tcp://w1", "t": 102.0}))
+    p.update(1000, 3725, 1, 7, 4, 0, force=True)
+    p.update(2000, 3000, 1, 7, 4, 0)  # within the interval: nothing
+    p.done("c00001")
+    lines = out.getvalue().splitlines()
+    assert lines == ["nightly: 1050 ops, budget left 1h02m05s, findings new 1 known 7, chunks done 4 running 1 "
+                     "lost 0; ops/s per worker: tcp://w1 25.0"]  # fmt: skip
+    assert p.live is None
