@@ -843,14 +843,15 @@ class Footprint:
     whose registry entry changed (frames, uniques, segment ranges, roots). The kernel root's
     upper half is prev's unless `pages` names its page. `slots` adds the
     op's own arguments and poked bytes. `all_nodes` re-reads every live node (cheap through
-    the shared RAM file); otherwise only the nodes whose VA span meets a mutable cursor's
-    barrier (the only way an op writes a page table) and nodes of new trees."""
+    the shared RAM file); otherwise only nodes of new trees, poked pages, and the nodes whose VA
+    span meets the barrier of a cursor in `cursors` (the op's, when it writes PTEs through it:
+    map, unmap, protect; the caller sets `all_nodes` for an op that can write anywhere)."""
 
     slots: frozenset[int] = frozenset()
     all_nodes: bool = True
     registry_prefix: bool = False
     pt_pool: tuple[int, int] = (0, 0)  # [start, end) paddr of the page-table pool
-    cursors: tuple[int, ...] = ()  # cursor ids the op names (their trees' barrier nodes are read)
+    cursors: tuple[int, ...] = ()  # cursors the op wrote PTEs through (their barriers' nodes are read)
     pages: frozenset[int] = frozenset()  # page paddrs to re-read if they are nodes (poked bytes)
     merge_gap: int = 4  # slot runs closer than this are read as one (an exchange each through the stub)
 
@@ -992,17 +993,17 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
     roots.update({("leaked", vs): root for vs, root in reg.leaked.items()})
     slow_nodes = footprint is not None and not footprint.all_nodes
     pages = footprint.pages if footprint is not None else frozenset()
-    spans: list[tuple[int, int, int]] = []  # (vs, start, end) of mutable cursors' barriers
-    if slow_nodes and prev is not None:
-        named = set(footprint.cursors) if footprint is not None else set()
-        for cur in (*prev.cursors.values(), *reg.cursors.values()):
-            if cur.mutable or cur.id in named:
+    spans: list[tuple[int, int, int]] = []  # (vs, start, end): barriers of the cursors the op wrote through
+    if slow_nodes and prev is not None and footprint is not None:
+        for cid in footprint.cursors:
+            cur = prev.cursors.get(cid)
+            if cur is not None:
                 spans.append((cur.vs, cur.start & ((1 << VA_BITS) - 1), cur.end & ((1 << VA_BITS) - 1)))
 
     def fetcher(key: tuple[str, int]) -> Callable[[int, bool], bytes | None]:
-        if not slow_nodes or key not in trees_before or key[0] != "vs":
+        if not slow_nodes or key not in trees_before:
             return lambda paddr, known: mem.read(paddr, PAGE_SIZE)
-        mine = [(s, e) for vs, s, e in spans if vs == key[1]]
+        mine = [(s, e) for vs, s, e in spans if key[0] == "vs" and vs == key[1]]
         old = trees_before[key].infos
 
         def fetch(paddr: int, known: bool) -> bytes | None:

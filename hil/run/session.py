@@ -459,8 +459,10 @@ class Session:
             slots.update(range(op.start // 4096, -(-op.end // 4096)))
         elif isinstance(op, m.Activate) and lay.exec_name == "upstream":
             slots.add(lay.kernel_root // 4096)  # the CPU's reference moves to / from the kernel root
-        cursor = getattr(op, "cursor", None)
-        cursors = (cursor,) if isinstance(cursor, int) else ()
+        # PTEs are written through a cursor by map / unmap / protect (within its barrier); a
+        # probe that writes may hit a page-table node mapped as data: every node is re-read
+        cursors = (op.cursor,) if isinstance(op, (m.Map, m.Unmap, m.ProtectNext)) else ()
+        all_nodes = self.shared_ram or (isinstance(op, m.Probe) and bool(op.write))
         full_registry = False
         meta_end = lay.meta_base + lay.slot_size * lay.slot_count
         reg_end = lay.registry_base + lay.registry_entries * lay.registry_entry_size
@@ -473,7 +475,7 @@ class Session:
                 full_registry = True
             pages.update(range(paddr & ~0xFFF, end, 4096))
         return Footprint(
-            slots=frozenset(slots), all_nodes=self.shared_ram,
+            slots=frozenset(slots), all_nodes=all_nodes,
             registry_prefix=not self.shared_ram and not full_registry, pt_pool=(lay.pt_pool_start, lay.pt_pool_end),
             cursors=cursors, pages=frozenset(pages), merge_gap=4 if self.shared_ram else 32,
         )  # fmt: skip
