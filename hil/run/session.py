@@ -462,7 +462,7 @@ class Session:
         # PTEs are written through a cursor by map / unmap / protect (within its barrier); a
         # probe that writes may hit a page-table node mapped as data: every node is re-read
         cursors = (op.cursor,) if isinstance(op, (m.Map, m.Unmap, m.ProtectNext)) else ()
-        all_nodes = self.shared_ram or (isinstance(op, m.Probe) and bool(op.write))
+        all_nodes = isinstance(op, m.Probe) and bool(op.write)
         full_registry = False
         meta_end = lay.meta_base + lay.slot_size * lay.slot_count
         reg_end = lay.registry_base + lay.registry_entries * lay.registry_entry_size
