@@ -133,7 +133,20 @@ class Night:
     spent_s: float = 0.0
     legs: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, ChunkResult] = field(default_factory=dict)  # chunk id -> its standing result
+    # chunk id -> its root-cause groups: a result's findings are dropped from memory once grouped
+    groups: dict[str, dict[Any, Any]] = field(default_factory=dict)
     shrinks: dict[str, dict[str, Any]] = field(default_factory=dict)  # group key -> shrink outcome
+    version: int = 0  # bumped by every recorded result
+
+    def compact(self, r: ChunkResult, known: set[Any]) -> None:
+        """Keep `r`'s findings as groups only (the full list stays in chunks/ID.json)."""
+        from hil.workflows.report import chunk_groups
+
+        if not r.counted:
+            return  # a lost attempt: a few, kept whole
+        if r.chunk_id not in self.groups:
+            self.groups[r.chunk_id] = chunk_groups(r, known)
+        r.findings = []
 
     @classmethod
     def open(cls, out: Path, config: dict[str, Any]) -> Night:
@@ -178,6 +191,8 @@ class Night:
         # a night holds gigabytes of traces: they live on disk, not in the coordinator
         r.trace_text = ""
         self.results[r.chunk_id] = r
+        self.groups.pop(r.chunk_id, None)
+        self.version += 1
         if r.counted:  # the live copy of a local worker is no longer needed (its log stays)
             for suffix in ("jsonl", "spec.json"):
                 with contextlib.suppress(OSError):
@@ -322,6 +337,7 @@ class Coordinator:
         self.stop_name = f"hil-stop-{token}"
         self.lost_chunks = 0
         self.interrupted = False
+        self._counts_cache: tuple[int, tuple[int, int, int, int]] | None = None
 
     # groups and shrinking
     def _new_groups(self, r: ChunkResult) -> list[tuple[str, dict[str, Any], list[str]]]:
@@ -351,7 +367,7 @@ class Coordinator:
     def summary(self, status: str) -> dict[str, Any]:
         return build_summary(list(self.night.results.values()), meta={**self.meta, "status": status},
                              shrinks=self.night.shrinks, known=self.known, previous=self.previous,
-                             out_dir=self.night.out)  # fmt: skip
+                             out_dir=self.night.out, groups_cache=self.night.groups)  # fmt: skip
 
     def run(self) -> int:
         import dask
@@ -400,8 +416,10 @@ class Coordinator:
                     todo.append(self._spec(cid, r.seed, deadline, 1))
             next_index = night.next_index()
             # findings of earlier legs whose shrink never finished
-            for r in night.results.values() if opts.shrink else ():
-                self._shrink_new(client, shrink_futs, r)
+            for r in night.results.values():
+                if opts.shrink:
+                    self._shrink_new(client, shrink_futs, r)
+                night.compact(r, self.known)
 
             def submit(spec: ChunkSpec) -> None:
                 fut = client.submit(dask_run_chunk, spec, self.topic, self.stop_name,
@@ -456,6 +474,7 @@ class Coordinator:
                     night.record(r)
                     if opts.shrink and r.counted:
                         self._shrink_new(client, shrink_futs, r)
+                    night.compact(r, self.known)
                 if self.lost_chunks >= 2 * slots and not any(x.booted for x in night.results.values()):
                     # every chunk so far failed before its guest booted: the night cannot do its work
                     print(f"nightly: {self.lost_chunks} chunks lost and no guest ever booted; giving up",
@@ -536,13 +555,19 @@ class Coordinator:
             self.shrinking.discard(facet)
 
     def _counts(self) -> tuple[int, int, int, int]:
+        """(ops, new root causes, known ones, chunks) for the progress line; recomputed only when
+        a result came in."""
         from hil.workflows.report import counted, group_findings
 
+        if self._counts_cache is not None and self._counts_cache[0] == self.night.version:
+            return self._counts_cache[1]
         rs = counted(self.night.results.values())
-        groups = group_findings(rs, self.known)
+        groups = group_findings(rs, self.known, self.night.groups)
         new = sum(1 for s, g in groups.items() if g.root_cause and s not in self.known)
         known = sum(1 for s in groups if s in self.known)
-        return sum(r.ops_done for r in rs), new, known, len(rs)
+        out = (sum(r.ops_done for r in rs), new, known, len(rs))
+        self._counts_cache = (self.night.version, out)
+        return out
 
     def _stop(self, client: Any, chunk_futs: dict[Any, ChunkSpec], shrink_futs: dict[Any, str],
               progress: Progress) -> None:  # fmt: skip

@@ -87,21 +87,43 @@ def root_signatures(findings: Sequence[dict[str, Any]], known: set[Signature]) -
     return out
 
 
-def group_findings(results: Sequence[ChunkResult], known: set[Signature] | None = None) -> dict[Signature, Group]:
+def chunk_groups(r: ChunkResult, known: set[Signature]) -> dict[Signature, Group]:
+    """One chunk's findings as root-cause groups (a night keeps these, not every finding)."""
+    groups: dict[Signature, Group] = {}
+    k = 0  # boot-state findings (op -1, from the trace's "booted" note) are not op findings
+    for d, sig in zip(r.findings, root_signatures(r.findings, known), strict=True):
+        f = Finding.from_json(d)
+        g = groups.get(sig)
+        if g is None:
+            g = groups[sig] = Group(sig, first_chunk=r.chunk_id, first_op=f.op_index, first_seen=r.finished,
+                                    first_k=k if f.op_index >= 0 else -1, example=f.describe())  # fmt: skip
+        k += f.op_index >= 0
+        g.count += 1
+        g.chunks.add(r.chunk_id)
+        if isinstance(d.get("caused_by"), int):
+            g.consequences += 1
+    return groups
+
+
+def group_findings(
+    results: Sequence[ChunkResult], known: set[Signature] | None = None,
+    cache: dict[str, dict[Signature, Group]] | None = None,
+) -> dict[Signature, Group]:  # fmt: skip
+    """The night's groups: each chunk's (from `cache` by chunk id when there, so a long night
+    need not keep every finding in memory), merged in the order the chunks reported."""
     groups: dict[Signature, Group] = {}
     for r in sorted(counted(results), key=lambda r: r.finished):
-        k = 0  # boot-state findings (op -1, from the trace's "booted" note) are not op findings
-        for d, sig in zip(r.findings, root_signatures(r.findings, known or set()), strict=True):
-            f = Finding.from_json(d)
+        per = cache.get(r.chunk_id) if cache is not None else None
+        if per is None:
+            per = chunk_groups(r, known or set())
+        for sig, cg in per.items():
             g = groups.get(sig)
             if g is None:
-                g = groups[sig] = Group(sig, first_chunk=r.chunk_id, first_op=f.op_index, first_seen=r.finished,
-                                        first_k=k if f.op_index >= 0 else -1, example=f.describe())  # fmt: skip
-            k += f.op_index >= 0
-            g.count += 1
-            g.chunks.add(r.chunk_id)
-            if isinstance(d.get("caused_by"), int):
-                g.consequences += 1
+                g = groups[sig] = Group(sig, first_chunk=cg.first_chunk, first_op=cg.first_op,
+                                        first_seen=cg.first_seen, first_k=cg.first_k, example=cg.example)  # fmt: skip
+            g.count += cg.count
+            g.consequences += cg.consequences
+            g.chunks |= cg.chunks
     return groups
 
 
@@ -133,11 +155,12 @@ def all_clauses() -> list[str]:
 def build_summary(
     results: Sequence[ChunkResult], *, meta: dict[str, Any], shrinks: dict[str, dict[str, Any]],
     known: set[Signature], previous: dict[str, Any] | None, out_dir: Path,
+    groups_cache: dict[str, dict[Signature, Group]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every number of the report. `shrinks`: group key -> {"ok", "trace", "events", "error",
     "debug"}; `known`: the baseline's signatures; `previous`: the previous night's summary."""
     rs = counted(results)
-    groups = group_findings(results, known)
+    groups = group_findings(results, known, groups_cache)
     prev_groups = {g["key"]: g for g in (previous or {}).get("findings", [])}
     ops = sum(r.ops_done for r in rs)
     busy = sum(max(r.finished - r.started, 0.0) for r in rs)
@@ -190,10 +213,12 @@ def build_summary(
     chunks = []
     retries = []
     for r in sorted(results, key=lambda r: r.chunk_id):
+        cached = (groups_cache or {}).get(r.chunk_id)
+        nfind = sum(g.count for g in cached.values()) if cached is not None else len(r.findings)
         chunks.append({"id": r.chunk_id, "seed": r.seed, "attempt": r.attempt, "status": r.status,
                        "ops": r.ops_done, "worker": r.worker, "started": iso(r.started), "finished": iso(r.finished),
                        "seconds": round(r.finished - r.started, 3), "stopped_by": r.stopped_by,
-                       "findings": len(r.findings), "error": r.error[:500]})  # fmt: skip
+                       "findings": nfind, "error": r.error[:500]})  # fmt: skip
         for n in r.retries:
             retries.append({"chunk": r.chunk_id, **n})
     timeline = []

@@ -208,3 +208,16 @@ def test_plain_progress_lines():
     assert lines == ["nightly: 1050 ops, budget left 1h02m05s, findings new 1 known 7, chunks done 4 running 1 "
                      "lost 0; ops/s per worker: tcp://w1 25.0"]  # fmt: skip
     assert p.live is None
+
+
+def test_groups_kept_per_chunk_give_the_same_summary():
+    from hil.workflows.report import chunk_groups
+
+    rs = night_results()
+    full = build_summary(rs, meta={}, shrinks={}, known=KNOWN, previous=None, out_dir=Path("/n"))
+    cache = {r.chunk_id: chunk_groups(r, KNOWN) for r in rs if r.counted}
+    for r in rs:
+        if r.counted:
+            r.findings = []  # what a long night keeps in memory: the groups only
+    assert build_summary(rs, meta={}, shrinks={}, known=KNOWN, previous=None, out_dir=Path("/n"),
+                         groups_cache=cache) == full  # fmt: skip
