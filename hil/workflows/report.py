@@ -255,6 +255,8 @@ def build_summary(
         "findings": findings,
         "fixed": fixed,
         "previous": (previous or {}).get("out"),
+        "previous_build_id": (previous or {}).get("guest_build_id"),
+        "previous_ops": ((previous or {}).get("totals") or {}).get("ops"),
         "chunks": chunks,
         "retries": retries,
         "timeline": timeline,
@@ -399,7 +401,9 @@ def render_html(summary: dict[str, Any]) -> str:
     parts.append(_table(["status", "kind", "clause", "field", "count", "first seen", "where",
                          "minimal trace", "open in gdb", "since previous"], rows, "findings"))  # fmt: skip
     if summary.get("previous"):
-        parts.append(f"<h2>Since {e(summary['previous'])}</h2>")
+        parts.append(f"<h2>Since {e(summary['previous'])}</h2><p>that night: build "
+                     f"{e(str(summary.get('previous_build_id')))}, {e(str(summary.get('previous_ops')))} ops; "
+                     f"\"fixed\" means not seen tonight</p>")  # fmt: skip
         new = [f["key"] for f in summary["findings"] if f.get("since_previous") == "new"]
         same = [f["key"] for f in summary["findings"] if f.get("since_previous") == "unchanged"]
         parts.append(_table(["", "root causes"], [
