@@ -463,6 +463,10 @@ class Session:
         # probe that writes may hit a page-table node mapped as data: every node is re-read
         cursors = (op.cursor,) if isinstance(op, (m.Map, m.Unmap, m.ProtectNext)) else ()
         all_nodes = isinstance(op, m.Probe) and bool(op.write)
+        # EXEC=upstream: open allocates the nodes down to its guard node (lock_range), activate
+        # may free a dropped VmSpace's tree
+        all_nodes = all_nodes or (lay.exec_name == "upstream" and isinstance(op, (m.OpenCursor, m.OpenCursorMut,
+                                                                                     m.Activate)))  # fmt: skip
         full_registry = False
         meta_end = lay.meta_base + lay.slot_size * lay.slot_count
         reg_end = lay.registry_base + lay.registry_entries * lay.registry_entry_size
