@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from model.types import (
     META_SLOT_SIZE,
@@ -169,6 +171,50 @@ class PageTableNode:
     path: TreePath
     entries: tuple[int, ...]
 
+    # Derived once per node object (nodes are immutable and shared by every view, and every
+    # State, whose tree did not change them): what the walks need, so a check costs the nodes
+    # an op changed, not the 512 entries of every node of every tree.
+
+    @cached_property
+    def present(self) -> tuple[tuple[int, int, int, bool], ...]:
+        """(k, pte, target slot index, leaf) of each present entry a user-half walk visits, k
+        ascending; `leaf`: a huge page or a level-1 entry (else the entry points at a node)."""
+        indices: Iterable[int] = TOP_LEVEL_USER_ENTRIES if self.level == 4 else range(NR_ENTRIES)
+        entries = self.entries
+        out = []
+        for k in indices:
+            pte = entries[k]
+            if pte_is_present(pte):
+                out.append((k, pte, frame_to_index(pte_paddr(pte)), pte_is_last(pte) or self.level == 1))
+        return tuple(out)
+
+    @cached_property
+    def by_target(self) -> dict[int, tuple[int, ...]]:
+        """Target slot index -> positions in `present` of the entries pointing at it."""
+        out: dict[int, list[int]] = {}
+        for j, (_k, _pte, target, _leaf) in enumerate(self.present):
+            out.setdefault(target, []).append(j)
+        return {t: tuple(js) for t, js in out.items()}
+
+    def leaves_at(self, base: int) -> tuple[Mapping_, ...]:
+        """The Mapping_ of each leaf entry when the node maps the VA range starting at `base`
+        (cached for the last base asked: a node is reached at one base)."""
+        cached = self.__dict__.get("_leaves")
+        if cached is not None and cached[0] == base:
+            return cached[1]
+        size = page_size(self.level)
+        out = []
+        for k, pte, _target, leaf in self.present:
+            if not leaf:
+                continue
+            va = base + k * size
+            if self.level == 4 and va >= 1 << 47:
+                va |= 0xFFFF_0000_0000_0000
+            out.append(Mapping_(va, pte_paddr(pte), self.level, pte, self.path + (k,)))
+        leaves = tuple(out)
+        self.__dict__["_leaves"] = (base, leaves)
+        return leaves
+
 
 @dataclass(frozen=True)
 class Mapping_:
@@ -188,27 +234,51 @@ class VmSpaceView:
     nodes: Mapping[int, PageTableNode]  # paddr -> node, every node reachable from root
     cursor: int = 0  # live cursor id borrowing this VmSpace, 0 if none
 
+    @cached_property
+    def walk_nodes(self) -> tuple[PageTableNode, ...]:
+        """The nodes in the order a user-half walk (a stack, root first) visits them; a node
+        reached twice is listed twice, as the walk visits it twice. Cached per view: a view is
+        immutable and the snapshot hands on the same object while its tree is unchanged."""
+        root = self.nodes.get(self.root)
+        if root is None:
+            return ()
+        out: list[PageTableNode] = []
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            for _k, pte, _target, leaf in node.present:
+                if not leaf:
+                    child = self.nodes.get(pte_paddr(pte))
+                    if child is not None:
+                        stack.append(child)
+        return tuple(out)
+
     def mappings(self) -> dict[int, Mapping_]:
-        """Every leaf reachable through the user half (root entries 0..255)."""
+        """Every leaf reachable through the user half (root entries 0..255). Cached per view:
+        the caller must not change the dict."""
+        cached: dict[int, Mapping_] | None = self.__dict__.get("_mappings")
+        if cached is not None:
+            return cached
         out: dict[int, Mapping_] = {}
-        root = self.nodes[self.root]
+        root = self.nodes.get(self.root)
+        if root is None:
+            raise KeyError(self.root)
         stack: list[tuple[PageTableNode, int]] = [(root, 0)]
         while stack:
             node, base = stack.pop()
-            indices: Iterable[int] = TOP_LEVEL_USER_ENTRIES if node.level == 4 else range(NR_ENTRIES)
-            for i in indices:
-                pte = node.entries[i]
-                if not pte_is_present(pte):
-                    continue
-                va = base + i * page_size(node.level)
-                if node.level == 4 and va >= 1 << 47:
-                    va |= 0xFFFF_0000_0000_0000
-                if pte_is_last(pte) or node.level == 1:
-                    out[va] = Mapping_(va, pte_paddr(pte), node.level, pte, node.path + (i,))
-                else:
+            size = page_size(node.level)
+            for mp in node.leaves_at(base):
+                out[mp.va] = mp
+            for k, pte, _target, leaf in node.present:
+                if not leaf:
                     child = self.nodes.get(pte_paddr(pte))
                     if child is not None:
+                        va = base + k * size
+                        if node.level == 4 and va >= 1 << 47:
+                            va |= 0xFFFF_0000_0000_0000
                         stack.append((child, va))
+        self.__dict__["_mappings"] = out
         return out
 
 
@@ -277,17 +347,38 @@ class State:
         return sum(1 for (s, e) in self.segments.values() if s <= paddr < e)
 
     def handle_counts(self) -> dict[int, int]:
+        """Live FrameEntry handles per slot (cached: do not change the dict)."""
+        cache = memo(self)
+        if "handle_counts" in cache:
+            return cache["handle_counts"]
         out: dict[int, int] = {}
         for p in self.frames.values():
             out[frame_to_index(p)] = out.get(frame_to_index(p), 0) + 1
+        cache["handle_counts"] = out
         return out
 
     def cover_counts(self) -> dict[int, int]:
+        """Live segments covering each slot (cached: do not change the dict)."""
+        cache = memo(self)
+        if "cover_counts" in cache:
+            return cache["cover_counts"]
         out: dict[int, int] = {}
         for s, e in self.segments.values():
             for p in range(s, e, PAGE_SIZE):
                 out[frame_to_index(p)] = out.get(frame_to_index(p), 0) + 1
+        cache["cover_counts"] = out
         return out
+
+
+def memo(obj: object) -> dict[Any, Any]:
+    """A per-object cache of results derived from an immutable State / view (by convention
+    never mutated after construction): kept in the instance dict, outside the dataclass fields,
+    so it takes no part in equality and a `dataclasses.replace` copy starts without it."""
+    d = obj.__dict__
+    cache: dict[Any, Any] | None = d.get("_memo")
+    if cache is None:
+        cache = d["_memo"] = {}
+    return cache
 
 
 def changed_slots(before: State, after: State) -> set[int]:
