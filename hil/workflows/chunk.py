@@ -36,7 +36,7 @@ from hil.errors import timeout_scale
 END_GRACE_S = 60.0
 # from a stop request to the subprocess's exit (it finishes its op and closes the trace)
 STOP_GRACE_S = 20.0
-POLL_S = 0.5
+POLL_S = 0.25
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def dask_run_chunk(spec: ChunkSpec, topic: str, stop_name: str) -> ChunkResult:
 
     def should_stop() -> bool:
         now = time.monotonic()
-        if now - last[0] >= 1.0:
+        if now - last[0] >= 0.5:
             last[0] = now
             with contextlib.suppress(Exception):  # a scheduler hiccup is not a stop
                 last[1] = bool(event.is_set())
