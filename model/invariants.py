@@ -19,9 +19,10 @@ that changed; the store-level clauses are always evaluated (they are cheap).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
-from model.state import PageTableNode, Slot, State, VmSpaceView, memo
+from model.state import PageTableNode, Slot, State, VmSpaceView, memo, slot_diff
 from model.types import (
     NR_ENTRIES,
     NR_LEVELS,
@@ -164,7 +165,8 @@ def metaregion_sound(
     The same entries in the same order as filtering `walk(view)`, without visiting the rest:
     the view's node order and each node's present entries (indexed by target slot) are cached
     on the immutable view and node objects, so the restricted form costs the nodes of the tree
-    plus the entries selected, not every entry."""
+    plus the entries selected, not every entry; the full form re-evaluates only the nodes
+    whose result can differ from the last full evaluation (`_entries_sound_cached`)."""
     view = state.vm_spaces.get(vs) or state.leaked.get(vs)
     if view is None:
         return [Violation(clause, None, "vm_space", None, vs, "cursor's VmSpace missing")]
@@ -172,10 +174,16 @@ def metaregion_sound(
     root_i = frame_to_index(view.root)
     if only is None or root_i in only or (nodes is not None and view.root in nodes):
         out += _node_sound(state, clause, root_i, (), NR_LEVELS)
+    if only is None:
+        diffs: dict[int, set[int] | None] = {}
+        for node in view.walk_nodes:
+            found = _entries_sound_cached(state, node, diffs)
+            out += found if clause == "" else [dataclasses.replace(v, clause=clause) for v in found]
+        return out
     for node in view.walk_nodes:
         present = node.present
         selected: Iterable[tuple[int, int, int, bool]]
-        if only is None or (nodes is not None and node.paddr in nodes):
+        if nodes is not None and node.paddr in nodes:
             selected = present
         else:
             by_target = node.by_target
@@ -187,13 +195,52 @@ def metaregion_sound(
                 continue
             picks.sort()
             selected = [present[j] for j in picks]
-        for k, _pte, target, leaf in selected:
-            path = node.path + (k,)
-            if leaf:
-                out += _leaf_sound(state, clause, target, path)
-            else:
-                out += _node_sound(state, clause, target, path, node.level - 1)
+        out += _entries_sound(state, clause, node, selected)
     return out
+
+
+def _entries_sound(
+    state: State, clause: str, node: PageTableNode, selected: Iterable[tuple[int, int, int, bool]]
+) -> list[Violation]:
+    out: list[Violation] = []
+    for k, _pte, target, leaf in selected:
+        path = node.path + (k,)
+        if leaf:
+            out += _leaf_sound(state, clause, target, path)
+        else:
+            out += _node_sound(state, clause, target, path, node.level - 1)
+    return out
+
+
+def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, set[int] | None]) -> list[Violation]:
+    """Every entry of `node` checked (clause ""), reusing the node's last result when it cannot
+    differ: a node's result is a function of its own entries (the node object: immutable), the
+    Slot objects of its targets, the unparked roots and the RAM size. The last result is kept
+    on the node with the slot table it was computed against; the targets that may differ are
+    the slots whose objects the two tables do not share (`slot_diff`, memoised per call in
+    `diffs`). Anything not cheap to tell is evaluated again."""
+    roots = unparked(state)
+    slots = state.slots
+    last = node.__dict__.get("_sound")
+    found: list[Violation] | None = None
+    if last is not None and last[1] == roots and last[2] == state.nr_slots:
+        old = last[0]
+        if old is slots:
+            found = last[3]
+        else:
+            key = id(old)
+            if key not in diffs:
+                diffs[key] = slot_diff(old, slots)
+            d = diffs[key]
+            if d is not None:
+                by_target = node.by_target
+                hit = any(t in by_target for t in d) if len(d) <= len(by_target) else any(t in d for t in by_target)
+                if not hit:
+                    found = last[3]
+    if found is None:
+        found = _entries_sound(state, "", node, node.present)
+    node.__dict__["_sound"] = (slots, roots, state.nr_slots, found)
+    return found
 
 
 def changed_nodes(before: State, after: State, vs: int) -> set[int]:

@@ -154,6 +154,27 @@ class SlotTable(Mapping[int, Slot]):
         return f"SlotTable(<{self._len} slots>)"
 
 
+def slot_diff(a: Mapping[int, Slot], b: Mapping[int, Slot], max_chunks: int = 64) -> set[int] | None:
+    """Indices whose Slot objects are not the same object in `a` and `b` (a superset of the
+    slots that differ), from the chunks the two tables do not share; None when that is not
+    cheap to tell (not both SlotTables, other sizes, more than `max_chunks` chunks differ)."""
+    if not (isinstance(a, SlotTable) and isinstance(b, SlotTable)) or len(a) != len(b):
+        return None
+    if a is b:
+        return set()
+    out: set[int] = set()
+    differing = 0
+    for c, (ca, cb) in enumerate(zip(a._chunks, b._chunks, strict=True)):
+        if ca is cb:
+            continue
+        differing += 1
+        if differing > max_chunks:
+            return None
+        base = c << SlotTable.CHUNK_BITS
+        out.update(base + j for j, (x, y) in enumerate(zip(ca, cb, strict=True)) if x is not y)
+    return out
+
+
 def with_slot_changes(slots: Mapping[int, Slot], changes: Mapping[int, Slot]) -> Mapping[int, Slot]:
     """`slots` with `changes` applied, without copying what did not change when it can."""
     if isinstance(slots, SlotTable):

@@ -20,7 +20,7 @@ from model_helpers import BASE, Run, random_op
 
 from model import invariants as inv
 from model.invariants import _leaf_sound, _node_sound, metaregion_sound, walk
-from model.state import Mapping_, PageTableNode, Slot, State, VmSpaceView
+from model.state import Mapping_, PageTableNode, Slot, SlotTable, State, VmSpaceView, with_slot_changes
 from model.types import (
     NR_ENTRIES,
     NR_LEVELS,
@@ -144,8 +144,7 @@ def _corrupt_slots(rng: random.Random, state: State, count: int) -> State:
         else:
             s = dataclasses.replace(s, inl=rng.randrange(2), sto=None)
         changes[i] = s
-    slots = dict(state.slots)
-    slots.update(changes)
+    slots = with_slot_changes(state.slots, changes)  # a SlotTable shares the unchanged chunks
     return dataclasses.replace(state, slots=slots, parent=state, changed=frozenset(changes))
 
 
@@ -218,6 +217,44 @@ def test_metaregion_sound_equals_the_walk(seed: int) -> None:
 
 
 @given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_full_soundness_reused_per_node_in_any_order(seed: int) -> None:
+    """The full form keeps each node's last result with the slot table it was computed on and
+    reuses it where no target's Slot object differs: visiting the states out of order (and
+    each twice) still gives the from-scratch result every time."""
+    rng = random.Random(seed)
+    states = [s for pair in random_states(seed) for s in pair]
+    assert any(isinstance(s.slots, SlotTable) for s in states)
+    order = list(range(len(states))) * 2
+    rng.shuffle(order)
+    for i in order:
+        state = states[i]
+        for vs in list(state.vm_spaces) + list(state.leaked):
+            assert metaregion_sound(state, vs, "OC-4") == ref_metaregion_sound(fresh(state), vs, "OC-4")
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_full_soundness_after_one_slot_changes(seed: int) -> None:
+    """A State and a copy with one slot of its tree corrupted (sharing every other chunk of the
+    slot table): the full form, asked on each in turn, re-evaluates exactly what it must."""
+    rng = random.Random(seed)
+    for _before, after in random_states(seed):
+        for vs, view in after.vm_spaces.items():
+            targets = sorted({t for n in view.nodes.values() for _k, _p, t, _l in n.present})
+            if not targets:
+                continue
+            bad = _corrupt_slots(rng, after, 1)
+            t = rng.choice(targets)
+            other = dataclasses.replace(
+                after, slots=with_slot_changes(after.slots, {t: Slot(rc=rng.choice([0, REF_COUNT_UNUSED]))})
+            )
+            # the same slots, other parked domains: a leaf's target unparked, a smaller RAM
+            unparks = dataclasses.replace(after, leaked={**after.leaked, 999: VmSpaceView(999, t * PAGE_SIZE, {})})
+            shrunk = dataclasses.replace(after, nr_slots=t)
+            for state in (after, other, bad, unparks, after, shrunk, other, bad, after):
+                assert metaregion_sound(state, vs, "S7") == ref_metaregion_sound(fresh(state), vs, "S7")
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
 def test_mappings_walk_order_and_counts_equal_from_scratch(seed: int) -> None:
     for _before, after in random_states(seed):
         for view in list(after.vm_spaces.values()) + list(after.leaked.values()):
@@ -248,9 +285,10 @@ def test_memoised_invariants_equal_a_fresh_evaluation(seed: int) -> None:
 
 def test_corruption_reaches_the_checks() -> None:
     """The random states above are not all clean: the comparisons compare violations."""
-    found = 0
+    found = trees = 0
     for seed in range(5):
         for _before, after in random_states(seed):
-            for vs in after.vm_spaces:
+            for vs, view in after.vm_spaces.items():
                 found += len(metaregion_sound(after, vs))
-    assert found > 0
+                trees += any(n.present for n in view.nodes.values())
+    assert found > 0 and trees > 10
