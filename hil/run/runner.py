@@ -130,7 +130,7 @@ class Runner:
             self.qemu = oracles.QemuTranslation(self.session.memory, self.session.layout, machine.hmp,
                                                 every=self.qemu_every, walker=self.walker)  # fmt: skip
             if prev is not None:
-                self.qemu.checks, self.qemu.lines, self.qemu.seconds = prev.checks, prev.lines, prev.seconds
+                self.qemu.carry_from(prev)
 
     def step(self, event: Event) -> Record:
         assert self.state is not None
