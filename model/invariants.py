@@ -215,28 +215,32 @@ def _entries_sound(
 def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, set[int] | None]) -> list[Violation]:
     """Every entry of `node` checked (clause ""), reusing the node's last result when it cannot
     differ: a node's result is a function of its own entries (the node object: immutable), the
-    Slot objects of its targets, the unparked roots and the RAM size. The last result is kept
-    on the node with the slot table it was computed against; the targets that may differ are
-    the slots whose objects the two tables do not share (`slot_diff`, memoised per call in
-    `diffs`). Anything not cheap to tell is evaluated again."""
+    Slot objects of its targets, whether each target is parked (RAM size, unparked roots). The
+    last result is kept on the node with the slot table, unparked roots and RAM size it was
+    computed against; the targets whose result may differ are the slots whose objects the two
+    tables do not share (`slot_diff`, memoised per call in `diffs`) and the roots parked in one
+    and not the other. Anything not cheap to tell is evaluated again."""
     roots = unparked(state)
     slots = state.slots
     last = node.__dict__.get("_sound")
     found: list[Violation] | None = None
-    if last is not None and last[1] == roots and last[2] == state.nr_slots:
+    if last is not None and last[2] == state.nr_slots:
         old = last[0]
+        d: set[int] | frozenset[int] | None
         if old is slots:
-            found = last[3]
+            d = frozenset()
         else:
             key = id(old)
             if key not in diffs:
                 diffs[key] = slot_diff(old, slots)
             d = diffs[key]
-            if d is not None:
-                by_target = node.by_target
-                hit = any(t in by_target for t in d) if len(d) <= len(by_target) else any(t in d for t in by_target)
-                if not hit:
-                    found = last[3]
+        if d is not None:
+            if last[1] != roots:
+                d = d | (last[1] ^ roots)
+            by_target = node.by_target
+            hit = any(t in by_target for t in d) if len(d) <= len(by_target) else any(t in d for t in by_target)
+            if not hit:
+                found = last[3]
     if found is None:
         found = _entries_sound(state, "", node, node.present)
     node.__dict__["_sound"] = (slots, roots, state.nr_slots, found)
