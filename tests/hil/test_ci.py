@@ -211,7 +211,7 @@ def test_sigterm_ends_every_cell_and_its_qemu(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not (os.environ.get("HIL_TEST_KVM") and os.access("/dev/kvm", os.R_OK | os.W_OK)),
-                    reason="opt-in (HIL_TEST_KVM=1, /dev/kvm): a KVM boot takes ~18 s on this workplace")
+                    reason="opt-in (HIL_TEST_KVM=1, /dev/kvm): the KVM profile is opt-in (a software backend here)")
 def test_kvm_profile_boots_and_runs_a_scenario() -> None:
     from hil.run.runner import Runner
     from hil.run.session import Session
