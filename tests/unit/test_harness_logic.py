@@ -138,3 +138,39 @@ def test_an_image_without_the_abi_symbols_is_refused_by_name() -> None:
         GuestElf(obj)
     with pytest.raises(AbiError, match="not found"):
         GuestElf(Path("/nonexistent.elf"))
+
+
+def _clean_hmp_by_hand(raw: bytes, command: str) -> str:
+    """The per-character reading of HMP's echo that the regex in `machine._clean_hmp` replaced."""
+    text = raw.decode("utf-8", "replace")
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\x1b":
+            i += 1
+            if i < len(text) and text[i] == "[":
+                i += 1
+                while i < len(text) and not ("a" <= text[i].lower() <= "z"):
+                    i += 1
+            i += 1
+            continue
+        if ch != "\r":
+            out.append(ch)
+        i += 1
+    lines = "".join(out).split("\n")
+    if lines and lines[-1].endswith("(qemu) "):
+        lines = lines[:-1]
+    if lines and command in lines[0]:
+        lines = lines[1:]
+    return "\n".join(lines)
+
+
+def test_hmp_cleaning_equals_the_character_by_character_reading() -> None:
+    import random
+
+    rng = random.Random(7)
+    alphabet = ["\x1b", "[", "D", "K", "1", ";", "\r", "\n", "a", " ", "0", "(qemu) ", "info tlb"]
+    for _ in range(2000):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))).encode()
+        assert machine._clean_hmp(raw, "info tlb") == _clean_hmp_by_hand(raw, "info tlb"), raw
