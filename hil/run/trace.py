@@ -196,7 +196,7 @@ def read_trace(path: Path) -> Trace:
             json.loads(lines[-1])
         except json.JSONDecodeError:
             raise TraceError(
-                f"{path}:{len(lines)}: truncated line (the run was cut off while writing it); "
+                f"{path}:{len(lines)}: truncated line, not JSON (the run was cut off while writing it); "
                 f"the {len(lines) - 1} lines before it are whole"
             ) from None
     records: list[Record] = []
