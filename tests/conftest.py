@@ -43,9 +43,7 @@ def run_events_fn():
         runner = Runner(session)
         try:
             runner.start()
-            for event in events:
-                runner.step(event)
-            return [f for r in runner.records for f in r.findings]
+            return runner.run(events)
         finally:
             session.close()
 

@@ -248,9 +248,7 @@ def run_on(image: Path, events: list) -> list:  # type: ignore[type-arg]
     runner = Runner(s)
     try:
         runner.start()
-        for event in events:
-            runner.step(event)
-        return [f for r in runner.records for f in r.findings]
+        return runner.run(events)
     finally:
         s.close()
 
