@@ -78,7 +78,8 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
                       [(op, row, str(n)) for op, row, n in runner.outcomes.table()]))  # fmt: skip
     oracle = []
     if runner.probes is not None:
-        oracle.append(f"MMU probes: {runner.probes.probes_run} after {runner.probes.ops_probed} ops")
+        seen = "U probed (SMAP)" if runner.probes.user_probed else "U not probed (the CPU has no SMAP)"
+        oracle.append(f"MMU probes: {runner.probes.probes_run} after {runner.probes.ops_probed} ops, {seen}")
     if runner.qemu is not None:
         oracle.append(f"QEMU translation: {runner.qemu.checks} checks ({runner.qemu.lines} lines, "
                       f"every {runner.qemu.every} ops)")  # fmt: skip
@@ -89,8 +90,9 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
         per = lambda s: f"{1e6 * s / n:.0f} us"  # noqa: E731
         out.append(f"{n} ops, {st.rate():.1f} ops/s; per op: drive {per(st.drive_s)}, snapshot "
                    f"{per(st.snapshot_s)}, model {per(st.model_s)}, check {per(st.check_s)}; "
-                   f"{st.reboots} reboots, {st.infra_retries} infrastructure retries; "
-                   f"boot-state findings {boot_findings}\n")  # fmt: skip
+                   f"{st.reboots} reboots, {st.infra_retries} infrastructure retries"
+                   + (f", {st.discarded} ops run and discarded (trace notes)" if st.discarded else "")
+                   + f"; boot-state findings {boot_findings}\n")  # fmt: skip
     if trace_path:
         out.append(f"trace: {trace_path}\n")
     return "\n".join(out)

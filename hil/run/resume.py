@@ -58,9 +58,24 @@ def replay_into(runner: Runner, workload: Callable[[State], m.Op], point: Resume
     """Drive `runner` (booted, writing nothing) through the trace, drawing every op from
     `workload` as the original run did, including the ops an infra retry lost."""
     retries: dict[int, list[dict[str, Any]]] = {}
+    discards: dict[int, dict[str, Any]] = {}  # Runner.run: an op drawn, run and dropped before `index`
     for note in point.trace.notes:
         if note.get("what") == "infra-retry" and isinstance(note.get("index"), int):
             retries.setdefault(note["index"], []).append(note)
+        if note.get("what") == "discarded" and isinstance(note.get("index"), int):
+            discards[note["index"]] = note
+
+    def redo_discard(index: int) -> None:
+        """The run drew the op after `index - 1` from the state that op left, before rebooting."""
+        note = discards.get(index)
+        if note is not None:
+            drawn = workload(_state(runner))
+            try:
+                dropped = event_from_json(note["event"])
+            except (TraceError, KeyError) as exc:
+                raise ConfigError(f"{point.path}: discarded note before op {index}: {exc}") from exc
+            _same(point, index, "discarded op", dropped, drawn)
+        runner.reboot_if_pending()
 
     def redo_retries(index: int) -> None:
         for note in retries.get(index, []):
@@ -78,7 +93,8 @@ def replay_into(runner: Runner, workload: Callable[[State], m.Op], point: Resume
         redo_retries(rec.index)
         drawn = workload(_state(runner))
         _same(point, rec.index, "op", rec.event, drawn)
-        new = runner.step(drawn)
+        new = runner.step(drawn, reboot=False)
+        redo_discard(rec.index + 1)
         if rec.result is not None and new.result != rec.result:
             raise ConfigError(
                 f"{point.path}: op {rec.index} {drawn!r} gave {new.result!r} on this guest, the trace "

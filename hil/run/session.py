@@ -127,6 +127,7 @@ class Session:
         self._reset_meta: bytearray | None = None
         self._poked: list[tuple[int, int]] = []  # (paddr, size) written by poke() since the last snapshot
         self._last_op: m.Op | None = None
+        self._in_flight: tuple[m.Op, int, float] | None = None  # begin() sent it, finish() not yet
         self._force_full = False
         self._boot_state: State | None = None  # the READY state, its snapshot cache unconsumed
         self._fresh_reset = False
@@ -142,6 +143,7 @@ class Session:
     def boot(self) -> None:
         """Start QEMU + gdb and run the guest to its READY stop. On failure everything
         started is ended and an InfraError carries the command line and log tails."""
+        self._in_flight = None
         self.close()
         machine = Machine(self.profile, self.image, shared_ram=self.shared_ram)
         self.machine = machine
@@ -266,6 +268,7 @@ class Session:
         what changed since (same QEMU, both modes), or reboot (`reboot=True`, an
         infrastructure error, or no fast path: gdb/MI driver, an unrestorable poke)."""
         blind = self._ops_since_snapshot > 0  # ops whose writes no snapshot has seen
+        reboot = reboot or self._in_flight is not None  # an op sent and never waited for
         if reboot or not self.can_fast_reset() or (blind and not self.shared_ram):
             self.boot()
             return
@@ -412,6 +415,10 @@ class Session:
 
     def send_raw(self, request: bytes, seq: int, deadline_s: float = OP_DEADLINE_S) -> abi.Response:
         """Write a request (already encoded, seq included), run the guest to its next stop."""
+        self._send_request(request)
+        return self._await_response(seq, deadline_s)
+
+    def _send_request(self, request: bytes) -> None:
         assert self.gdb is not None and self.memory is not None and self.layout is not None
         if self.machine is None or not self.machine.alive():
             raise self._infra("QEMU is not running")
@@ -420,6 +427,8 @@ class Session:
         # one write: the guest is stopped at hil_op_done and reads the request only once resumed
         self.memory.write(self.layout.mailbox, request)
         self.gdb.jump(self._op_done + 1)
+
+    def _await_response(self, seq: int, deadline_s: float) -> abi.Response:
         self._wait_op_done(deadline_s, f"request seq {seq}")
         resp = self.response()
         if resp.seq != seq:
@@ -427,16 +436,33 @@ class Session:
         self.seq = seq
         return resp
 
-    def apply(self, op: m.Op, deadline_s: float = OP_DEADLINE_S) -> Observation:
-        seq = self.seq + 1
-        t0 = time.perf_counter()
+    @property
+    def can_overlap(self) -> bool:
+        """Whether the harness may work while the guest runs an op (`begin` ... `finish`): only
+        with the stub client (its continue returns at once) and the shared RAM file (nothing
+        the checks read goes through the stub, which answers nothing while the guest runs)."""
+        return self.shared_ram and isinstance(self.gdb, Stub)
+
+    def begin(self, op: m.Op) -> None:
+        """Send `op` and return while the guest runs it; `finish` waits for its stop."""
+        self._in_flight = (op, self.seq + 1, time.perf_counter())
         self._last_op = op
-        resp = self.send_raw(abi.encode_request(op, seq), seq, deadline_s)
+        self._send_request(abi.encode_request(op, self.seq + 1))
+
+    def finish(self, deadline_s: float = OP_DEADLINE_S) -> Observation:
+        assert self._in_flight is not None, "finish() without begin()"
+        op, seq, t0 = self._in_flight
+        self._in_flight = None
+        resp = self._await_response(seq, deadline_s)
         elapsed = time.perf_counter() - t0
         disasm: tuple[str, ...] = ()
         if resp.status == m.Status.EXCEPTION:
             disasm = tuple(self.elf.disassemble_around(resp.exc_rip))
         return Observation(op, seq, abi.op_result(op, resp), resp, elapsed, disasm)
+
+    def apply(self, op: m.Op, deadline_s: float = OP_DEADLINE_S) -> Observation:
+        self.begin(op)
+        return self.finish(deadline_s)
 
     def apply_raw(self, code: int, args: list[int]) -> abi.Response:
         """A request that need not be a valid op (the guest's validation is under test)."""

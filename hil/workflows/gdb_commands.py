@@ -57,6 +57,15 @@ class GdbDrive:
 
     def __init__(self, dbg: Debugger):
         self.dbg = dbg
+        self._op: m.Op | None = None
+
+    def begin(self, op: m.Op) -> None:
+        self._op = op  # already run by hil-step
+
+    def finish(self, deadline_s: float = 0.0) -> Observation:
+        assert self._op is not None
+        op, self._op = self._op, None
+        return self.apply(op, deadline_s)
 
     def apply(self, op: m.Op, deadline_s: float = 0.0) -> Observation:
         resp = self.dbg.response()

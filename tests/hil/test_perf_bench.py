@@ -16,7 +16,7 @@ def test_bench_json_has_the_issue_shape_and_scaling_rows(tmp_path: Path, capsys:
                        "--scaling", "default:10", "--json", str(out)]) == 0  # fmt: skip
     data = json.loads(out.read_text())
     assert set(data) == {"modes", "reset_ms", "scaling"}
-    assert set(data["modes"]) == {"default", "gdb-only", "no-check"}
+    assert set(data["modes"]) == {"default", "gdb-only", "no-check", "sequential"}
     for r in data["modes"].values():
         assert r["ops_per_s"] > 0 and set(r["us_per_op"]) == {"drive", "snapshot", "model", "check", "reset"}
     assert data["modes"]["default"]["boots"] == 1 and data["modes"]["default"]["unlogged"] == 0

@@ -40,6 +40,12 @@ class FakeSession:
     def snapshot(self, prev: object = None) -> object:
         return SimpleNamespace(anomalies=())
 
+    def begin(self, op: m.Op) -> None:
+        self._op = op
+
+    def finish(self) -> object:
+        return self.apply(self._op)
+
     def apply(self, op: m.Op) -> object:
         self.applies += 1
         if self.applies in self.fail_at:
@@ -55,7 +61,8 @@ def workload(start: int = 0):  # type: ignore[no-untyped-def]
     return lambda state: m.Nop(value=next(counter))
 
 
-def run(tmp_path: Path, session: FakeSession, count: int) -> tuple[Runner, Path]:
+def run(tmp_path: Path, session: FakeSession, count: int, overlap: bool = False) -> tuple[Runner, Path]:
+    session.can_overlap = overlap  # type: ignore[attr-defined]
     path = tmp_path / "t.jsonl"
     writer = TraceWriter(path, {"seed": 1, "ops": count, "image": "x", "profile": "default"})
     runner = Runner(session, writer, check_enabled=False)  # type: ignore[arg-type]
@@ -65,8 +72,9 @@ def run(tmp_path: Path, session: FakeSession, count: int) -> tuple[Runner, Path]
     return runner, path
 
 
-def test_a_lost_op_is_not_counted_and_leaves_no_gap(tmp_path: Path) -> None:
-    runner, path = run(tmp_path, FakeSession(fail_at={5, 12}), 20)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_lost_op_is_not_counted_and_leaves_no_gap(tmp_path: Path, overlap: bool) -> None:
+    runner, path = run(tmp_path, FakeSession(fail_at={5, 12}), 20, overlap)
     t = read_trace(path)  # strict: indices 0..n-1
     assert len(t.records) == 20 == runner.stats.total_ops == t.end["ops_done"]  # type: ignore[index]
     assert runner.stats.infra_retries == 2
@@ -76,9 +84,10 @@ def test_a_lost_op_is_not_counted_and_leaves_no_gap(tmp_path: Path) -> None:
     assert [r.event.value for r in t.records][:6] == [0, 1, 2, 3, 5, 6]  # type: ignore[union-attr]
 
 
-def test_two_failures_in_a_row_end_the_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_two_failures_in_a_row_end_the_run(tmp_path: Path, overlap: bool) -> None:
     with pytest.raises(InfraError, match="apply 4"):
-        run(tmp_path, FakeSession(fail_at={3, 4}), 10)
+        run(tmp_path, FakeSession(fail_at={3, 4}), 10, overlap)
     t = read_trace(tmp_path / "t.jsonl")
     assert len(t.records) == 2 and [n["index"] for n in t.notes] == [2]
 
