@@ -36,6 +36,25 @@ volatile int op_recover_armed;
 struct jmp_buf probe_recover;
 volatile int probe_armed;
 volatile u64 probe_error_code, probe_cr2;
+bool cpu_smap;
+
+/* SMAP, not SMEP: SMAP makes a ring-0 data access reveal U (faults on a user page with AC
+ * clear, and the probes can still read any page with AC set), while SMEP would fault every
+ * fetch from a user page, U or NX alike, and so hide NX on the user pages the workload maps. */
+static void smap_init(void) {
+    u32 a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    if (a < 7)
+        return;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    if (!(b & (1u << 20)))  /* CPUID.(7,0):EBX.SMAP */
+        return;
+    u64 cr4;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    __asm__ volatile("mov %0, %%cr4" ::"r"(cr4 | 1UL << 21) : "memory");  /* CR4.SMAP */
+    cpu_smap = true;
+    smap_enforce();  /* AC clear: the kernel touches user pages only inside a probe */
+}
 
 void cpu_init(void) {
     u64 base = (u64)&tss, limit = sizeof(tss) - 1;
@@ -73,6 +92,7 @@ void cpu_init(void) {
     }
     struct { u16 limit; u64 base; } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u64)idt};
     __asm__ volatile("lidt %0" ::"m"(idtr) : "memory");
+    smap_init();
 }
 
 void exception_handler(struct frame *f) {

@@ -25,6 +25,7 @@ static void fill_layout(void) {
     l[HIL_LAYOUT_LINEAR_MAP_BASE] = LINEAR_MAPPING_BASE;
     l[HIL_LAYOUT_SEEDED_BUG] = HIL_SEEDED_BUG;
     l[HIL_LAYOUT_EXEC] = HIL_EXEC_UPSTREAM;  /* abi.EXEC_NAMES index: 0 vostd, 1 upstream */
+    l[HIL_LAYOUT_PROBE_USER] = cpu_smap;  /* cpu_init ran: SMAP is on, probes see U */
 }
 
 static void log_kv(const char *k, u64 v) {

@@ -28,16 +28,19 @@ static u64 op_probe(void) {
     volatile u64 got = 0;
     if (hil_setjmp(&probe_recover) == 0) {
         probe_armed = 1;
+        smap_allow();  /* ring 0 as before SMAP: a user page is readable too */
         if (write) {
             *(volatile u64 *)va = value;
             got = value;
         } else {
             got = *(volatile u64 *)va;
         }
+        smap_enforce();
         probe_armed = 0;
         mb_result(HIL_RES_PROBE_FAULTED, 0);
         mb_result(HIL_RES_PROBE_VALUE, got);
     } else {
+        smap_enforce();
         mb_result(HIL_RES_PROBE_FAULTED, 1);
         mb_result(HIL_RES_PROBE_ERROR_CODE, probe_error_code);
         mb_result(HIL_RES_PROBE_CR2, probe_cr2);
@@ -45,11 +48,19 @@ static u64 op_probe(void) {
     return 0;
 }
 
-/* One MMU access of a probe entry: 1 no fault, 2 | error_code << 8 on a #PF. */
+/* One MMU access of a probe entry: 1 no fault, 2 | error_code << 8 on a #PF; 0 (not run) for
+ * a PROBE_SMAP access without SMAP (it would not see U). Without PROBE_SMAP the access runs
+ * with AC set, so U plays no part in it. */
 static u64 probe_access(u64 va, u64 mode, u64 *value) {
-    if (hil_setjmp(&probe_recover) != 0)
+    if ((mode & HIL_PROBE_SMAP) && !cpu_smap)
+        return 0;
+    if (hil_setjmp(&probe_recover) != 0) {
+        smap_enforce();
         return HIL_PROBE_FAULT | probe_error_code << 8;
+    }
     probe_armed = 1;
+    if (!(mode & HIL_PROBE_SMAP))
+        smap_allow();
     if (mode & HIL_PROBE_READ)
         *value = *(volatile u64 *)va;
     if (mode & HIL_PROBE_WRITE)  /* a write that keeps the bytes (and sets D like any write) */
@@ -57,6 +68,7 @@ static u64 probe_access(u64 va, u64 mode, u64 *value) {
     if (mode & HIL_PROBE_EXEC)   /* the harness put a `ret` at va + PROBE_EXEC_OFFSET */
         __asm__ volatile("call *%0" ::"r"(va + HIL_PROBE_EXEC_OFFSET)
                          : "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
+    smap_enforce();
     probe_armed = 0;
     return HIL_PROBE_OK;
 }
@@ -73,6 +85,12 @@ static void run_probes(u64 n, bool touch) {
              * so the entry also caches W once D is set); faults are expected for some */
             probe_access(va, HIL_PROBE_READ, &value);
             e[2] = probe_access(va, mode & (HIL_PROBE_READ | HIL_PROBE_WRITE), &value);
+            if (cpu_smap) {
+                /* and the TLB entries of kernel accesses with AC clear (QEMU keeps them apart
+                 * from AC-set ones), so a translation that turns user keeps a stale one */
+                probe_access(va, HIL_PROBE_SMAP | HIL_PROBE_READ, &value);
+                probe_access(va, HIL_PROBE_SMAP | (mode & (HIL_PROBE_READ | HIL_PROBE_WRITE)), &value);
+            }
         } else {
             e[2] = probe_access(va, mode, &value);
         }

@@ -79,5 +79,11 @@ extern volatile int op_recover_armed;
 extern struct jmp_buf probe_recover;
 extern volatile int probe_armed;
 extern volatile u64 probe_error_code, probe_cr2;
+/* CR4.SMAP is on (CPUID reported it; hil_layout probe_user): a kernel data access to a user
+ * page faults unless EFLAGS.AC is set, which is how the probes see a translation's U bit.
+ * stac/clac are #UD without SMAP, so they run only when this is set. */
+extern bool cpu_smap;
+static inline void smap_allow(void) { if (cpu_smap) __asm__ volatile("stac" ::: "memory", "cc"); }
+static inline void smap_enforce(void) { if (cpu_smap) __asm__ volatile("clac" ::: "memory", "cc"); }
 
 #endif

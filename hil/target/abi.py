@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from model import ops as m
 from model.types import PageProperty, PropTransform
 
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: layout word probe_user, probe mode PROBE_SMAP
 LAYOUT_MAGIC = int.from_bytes(b"OSTDHIL1", "little")  # hil_layout word 0; checked at boot
 
 # --- mailbox (one 4 KiB page, symbol `hil_mailbox`) -----------------------------------
@@ -58,6 +58,10 @@ PROBE_READ = 1  # mode bits: read a u64 (value = what was read)
 PROBE_WRITE = 2  # `lock add $0`: a write that keeps the bytes
 PROBE_EXEC = 4  # call va + PROBE_EXEC_OFFSET (the harness puts a `ret` there)
 PROBE_TOUCH = 8  # run before the op (to fill the TLB), not after it
+# the access runs with EFLAGS.AC clear, so under CR4.SMAP it faults on a user page: the probe
+# sees U (only planned when the layout's probe_user is 1; without SMAP the guest leaves the
+# outcome 0, not run). Without this bit an access runs with AC set: U plays no part.
+PROBE_SMAP = 16
 PROBE_EXEC_OFFSET = 8
 PROBE_OK = 1  # outcome word: 1 no fault; 2 | error_code << 8 a #PF
 PROBE_FAULT = 2
@@ -83,6 +87,7 @@ LAYOUT_FIELDS = (
     "linear_map_base",  # paddr_to_vaddr(p) = p + this
     "seeded_bug",  # 0 in the default build
     "exec",  # index into EXEC_NAMES: which exec the guest follows (make EXEC=...)
+    "probe_user",  # 1: the CPU has SMAP and the guest enabled it, so the MMU probes see U
 )
 # The exec a guest build follows (docs/semantics.md): the model is selected by the same name.
 EXEC_NAMES = ("vostd", "upstream")
@@ -110,6 +115,7 @@ class Layout:
     linear_map_base: int
     seeded_bug: int
     exec: int = 0
+    probe_user: int = 0
 
     @property
     def exec_name(self) -> str:
@@ -280,7 +286,7 @@ def render_header() -> str:
             out.append(f"#define HIL_{name} {value}")
     for name in ("MAILBOX_SIZE", "NR_ARGS", "NR_RESULTS", "MESSAGE_SIZE", "FLUSH_LOG_CAP",
                  "REGISTRY_ENTRY_SIZE", "LAYOUT_SIZE", "PROBE_CAP", "PROBE_ENTRY_SIZE", "PROBE_READ",
-                 "PROBE_WRITE", "PROBE_EXEC", "PROBE_TOUCH", "PROBE_EXEC_OFFSET", "PROBE_OK",
+                 "PROBE_WRITE", "PROBE_EXEC", "PROBE_TOUCH", "PROBE_SMAP", "PROBE_EXEC_OFFSET", "PROBE_OK",
                  "PROBE_FAULT"):  # fmt: skip
         out.append(f"#define HIL_{name} {globals()[name]}")
     out.append(f"#define HIL_FLUSH_LOG_ALL {FLUSH_LOG_ALL:#x}ULL")

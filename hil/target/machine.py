@@ -37,7 +37,7 @@ class Profile:
     name: str
     accel: str = "tcg"
     memory_mib: int = 64
-    cpu: str = "qemu64,+nx"
+    cpu: str = "qemu64,+nx,+smap"  # +smap: the MMU probes see U (oracles.py)
     extra_args: tuple[str, ...] = ()
 
     KEYS = ("name", "accel", "memory_mib", "cpu", "extra_args")
@@ -66,7 +66,7 @@ class Profile:
             name=str(data.get("name", path.stem)),
             accel=data.get("accel", "tcg"),
             memory_mib=mem,
-            cpu=str(data.get("cpu", "qemu64,+nx")),
+            cpu=str(data.get("cpu", "qemu64,+nx,+smap")),
             extra_args=tuple(str(a) for a in data.get("extra_args", [])),
         )
 
