@@ -98,3 +98,47 @@ def test_a_probe_the_guest_did_not_run_is_reported() -> None:
     plan = plan_for(probes, True, abi.PROBE_READ)
     outcome(mem, plan, [(0, 0)])
     assert [f.field for f in probes.check(0, plan, state())] == ["not_run"]
+
+
+def test_expect_carries_u_from_every_level_and_smap_refuses_a_user_page() -> None:
+    probes = oracles.MmuProbes(tables(FRAME_A | P | RW | US), layout())
+    user = probes.expect(ROOT, VA)
+    assert user.user and user.allows(abi.PROBE_READ) and not user.allows(abi.PROBE_SMAP | abi.PROBE_READ)
+    sup = oracles.MmuProbes(tables(FRAME_A | P | RW), layout()).expect(ROOT, VA)
+    assert not sup.user and sup.allows(abi.PROBE_SMAP | abi.PROBE_READ)
+    mem = tables(FRAME_A | P | RW | US)
+    mem.write(L2, struct.pack("<Q", L1 | P | RW))  # U clear one level up: the page is supervisor
+    assert not oracles.MmuProbes(mem, layout()).expect(ROOT, VA).user
+    unmapped = oracles.MmuProbes(tables(0), layout()).expect(ROOT, VA)
+    assert not unmapped.allows(abi.PROBE_SMAP | abi.PROBE_READ) and not unmapped.user
+
+
+def test_a_stale_u_bit_is_a_tlb_finding_where_exec_flushes() -> None:
+    mem = tables(FRAME_A | P | RW)  # supervisor before the op
+    probes = oracles.MmuProbes(mem, layout())
+    smap = abi.PROBE_SMAP | abi.PROBE_READ
+    plan = plan_for(probes, True, abi.PROBE_READ, smap)
+    loose = plan_for(probes, False, smap)  # no flush due (protect_next): the old U is right too
+    mem.write(L1 + 8 * (VA >> 12), struct.pack("<Q", FRAME_A | P | RW | US))  # re-map: now user
+    mark = oracles.marker(FRAME_A)
+    outcome(mem, plan, [(OK, mark), (OK, mark)])  # the AC-clear read still passed: old U
+    found = probes.check(3, plan, state())
+    assert [(f.kind, f.op_index, f.field, f.guest, f.model) for f in found] == [
+        (Kind.TLB, 3, "user", "supervisor (no fault)", "user (fault)")
+    ]  # fmt: skip
+    assert "SMAP" in found[0].message
+    outcome(mem, plan, [(OK, mark), (FAULT, 0)])  # SMAP refused it: the MMU follows the new U
+    assert probes.check(3, plan, state()) == []
+    outcome(mem, loose, [(OK, mark)])
+    assert probes.check(3, loose, state()) == []
+    outcome(mem, loose, [(OK, oracles.marker(FRAME_B))])  # but not another frame's bytes
+    assert [f.kind for f in probes.check(3, loose, state())] == [Kind.TLB]
+
+
+def test_a_u_probe_the_guest_could_not_run_is_reported() -> None:
+    mem = tables(FRAME_A | P | RW | US)
+    probes = oracles.MmuProbes(mem, layout())
+    assert not probes.user_probed  # the layout says no SMAP: plan() adds no U read
+    plan = plan_for(probes, True, abi.PROBE_SMAP | abi.PROBE_READ)
+    outcome(mem, plan, [(0, 0)])  # what a guest without SMAP leaves
+    assert [f.field for f in probes.check(0, plan, state())] == ["not_run"]
