@@ -56,7 +56,7 @@ TRANSFORMS = (
     PropTransform(set_flags=int(PageFlags.X), cache=int(CachePolicy.WRITETHROUGH)),
     PropTransform(cache=int(CachePolicy.UNCACHEABLE)),
     PropTransform(cache=int(CachePolicy.WRITEBACK), set_flags=int(PageFlags.AVAIL2)),
-    PropTransform(clear_priv=int(PrivFlags.USER)),
+    PropTransform(clear_priv=int(PrivFlags.USER)),  # [5]: the re-map plan of _aimed_nav uses it
     PropTransform(cache=KEEP_CACHE),
     PropTransform(clear_flags=int(PageFlags.X)),  # sets NX
     PropTransform(set_priv=int(PrivFlags.USER), set_flags=int(PageFlags.W | PageFlags.X)),
@@ -272,7 +272,10 @@ class Workload:
             r = 0.3 + 0.7 * r
         if c in mut and r < 0.3:
             fid = state.next_ids.get("frame", 1)  # the clone's id: ids are counters
-            self.plan = [m.Query(cursor=c), m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[1])]
+            # the page turns supervisor first, so the re-map also sets U: the one change of U a
+            # missing flush leaves stale where the MMU probes see it (SMAP, oracles.py)
+            self.plan = [m.ProtectNext(cursor=c, len=PAGE_SIZE, transform=TRANSFORMS[5]), m.Jump(cursor=c, va=va),
+                         m.Query(cursor=c), m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[1])]
         elif c in mut and r < 0.75:
             transform = TRANSFORMS[self.rng.randrange(len(TRANSFORMS))]
             self.plan = [m.ProtectNext(cursor=c, len=length, transform=transform)]

@@ -56,6 +56,7 @@ BUGS: dict[int, tuple[str, str]] = {
     26: ("protect_next's range is read after move_forward", "mm/page_table/cursor.c"),
     27: ("segment_next leaves an emptied segment's id live", "mm/frame/frame.c"),
     28: ("segment_slice takes a reference on its first page only", "mm/frame/frame.c"),
+    29: ("re-map of the same frame that sets U skips the invlpg", "mm/page_table/cursor.c"),
 }
 
 

@@ -13,6 +13,7 @@ from hil.check import Finding, Kind, oracles
 from hil.observe.snapshot import TlbLine
 from hil.run.runner import Runner
 from hil.run.session import Session
+from hil.target import abi
 from hil.target.memory import PhysMemory
 from model import ops as m
 from model.types import PAGE_SIZE, CachePolicy, PageFlags, PageProperty, PrivFlags, PropTransform
@@ -66,8 +67,11 @@ def test_probes_see_every_translation_change_on_the_default_guest() -> None:
     found, runner = run_scenario(REPO / "guest" / "build" / "kernel.elf")
     assert all(not fs for fs in found.values()), {k: [f.describe() for f in v] for k, v in found.items()}
     assert runner.probes is not None
-    # map, re-map, protect: read + write + exec; unmap: read (the touches are not counted)
-    assert runner.probes.ops_probed == 4 and runner.probes.probes_run == 3 + 3 + 3 + 1
+    # map, re-map, protect: read + write + exec + the AC-clear read that sees U (the default
+    # profile's CPU has SMAP); unmap: read (the touches are not counted)
+    assert runner.probes.user_probed and runner.session.layout is not None
+    assert runner.session.layout.probe_user == 1
+    assert runner.probes.ops_probed == 4 and runner.probes.probes_run == 4 + 4 + 4 + 1
 
 
 @pytest.mark.parametrize("bug, step, field", [(1, "unmap", "read"), (2, "re-map", "value")])
@@ -83,6 +87,53 @@ def test_a_forgotten_invlpg_is_caught_within_the_op(tmp_path: Path, bug: int, st
     ]
     others = {k for k, fs in found.items() if fs}
     assert others == {step}, others
+
+
+def remap_setting_u(image: Path) -> tuple[list[Finding], list[Finding], oracles.ProbePlan | None]:
+    """Map a page, make it supervisor (protect_next clears U), re-map the same frame as a user
+    page: the findings of the protect and of the re-map, and the re-map's probe plan."""
+    session = Session(image=image)
+    runner = Runner(session)
+    try:
+        runner.start()
+        assert session.layout is not None and runner.probes is not None
+        clear_u = PropTransform(clear_priv=int(PrivFlags.USER))
+        ops: list[m.Op] = [m.NewVmSpace(), m.OpenCursorMut(vs=1, start=0, end=1 << 30),
+                           m.FrameFromUnused(paddr=session.layout.data_pool_start), m.Map(cursor=1, frame=1, prop=RW),
+                           m.Jump(cursor=1, va=0), m.ProtectNext(cursor=1, len=PAGE_SIZE, transform=clear_u),
+                           m.Jump(cursor=1, va=0), m.Query(cursor=1), m.Jump(cursor=1, va=0)]  # fmt: skip
+        recs = [runner.step(op) for op in ops]
+        assert all(r.result is not None and r.result.status == m.Status.OK for r in recs), [r.result for r in recs]
+        assert runner.state is not None
+        clone = runner.state.next_ids["frame"] - 1  # query's clone of the mapped frame
+        assert runner.state.frames[clone] == session.layout.data_pool_start
+        remap = m.Map(cursor=1, frame=clone, prop=RW)
+        plan = runner.probes.plan(runner.state, remap)
+        rec = runner.step(remap)
+        assert rec.result is not None and rec.result.status == m.Status.OK and rec.result.get("replaced")
+        keep = (Kind.IMPL, Kind.TLB)
+        return [f for f in recs[5].findings if f.kind in keep], [f for f in rec.findings if f.kind in keep], plan
+    finally:
+        session.close()
+
+
+def test_a_stale_u_bit_is_caught_by_the_smap_probe(tmp_path: Path) -> None:
+    """Seeded bug 29: a re-map of the same frame that sets U skips the invlpg. The tables are
+    right; the TLB still says supervisor, so the kernel's AC-clear read passes where SMAP must
+    fault. The unmodified guest flushes and gives no finding."""
+    protect, remap, plan = remap_setting_u(REPO / "guest" / "build" / "kernel.elf")
+    assert protect == [] and remap == [], [f.describe() for f in protect + remap]
+    assert plan is not None and [e.mode for e in plan.entries if e.mode & abi.PROBE_SMAP] == [
+        abi.PROBE_SMAP | abi.PROBE_READ
+    ]  # fmt: skip
+    protect, remap, _ = remap_setting_u(build(tmp_path / "bug29", 29))
+    assert protect == []
+    tlb = [f for f in remap if f.kind == Kind.TLB]
+    assert [(f.clause, f.field, f.va, f.guest, f.model) for f in tlb] == [
+        ("PROBE", "user", 0, "supervisor (no fault)", "user (fault)")
+    ], [f.describe() for f in remap]
+    # only the U bit differs: the AC-set read, write and exec probes agree with the tables
+    assert [(f.clause, f.field) for f in remap if f.kind == Kind.IMPL] == [("FLUSH_LOG", "invalidations")]
 
 
 def test_a_state_the_model_cannot_interpret_is_a_finding_and_the_run_goes_on() -> None:

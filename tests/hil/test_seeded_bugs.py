@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 # bug -> (seed, the op index where scripts/mutants caught it first, the kinds of finding there)
 SLICE: dict[int, tuple[int, int, str]] = {
     1: (3, 44, "IMPL + TLB"),
-    2: (2, 85, "IMPL"),
-    3: (2, 83, "IMPL"),
+    2: (2, 87, "IMPL + TLB"),  # the re-map also sets U: the SMAP read sees the stale entry
+    3: (2, 85, "IMPL"),
     4: (2, 6, "IMPL"),
     5: (1, 8, "IMPL"),
     6: (1, 22, "IMPL"),
@@ -29,10 +29,10 @@ SLICE: dict[int, tuple[int, int, str]] = {
     11: (3, 4, "IMPL"),
     12: (1, 40, "IMPL + TLB"),
     13: (2, 53, "TLB"),
-    14: (2, 85, "IMPL"),
+    14: (2, 87, "IMPL + TLB"),
     15: (3, 91, "IMPL"),
     16: (1, 47, "IMPL"),
-    17: (2, 103, "IMPL"),
+    17: (2, 105, "IMPL"),
     18: (1, 92, "IMPL"),
     19: (1, 8, "IMPL"),
     20: (3, 121, "IMPL"),
@@ -43,7 +43,8 @@ SLICE: dict[int, tuple[int, int, str]] = {
     25: (3, 23, "IMPL"),
     26: (1, 18, "IMPL"),
     27: (2, 20, "IMPL"),
-    28: (2, 352, "IMPL"),
+    28: (2, 360, "IMPL"),
+    29: (2, 87, "IMPL + TLB"),
 }
 
 

@@ -318,8 +318,15 @@ static u64 op_map(struct cursor *c, u64 fid, u64 prop) {
         pt_set_nr_children(node, pt_nr_children(node) + 1);
     /* §5.7 step 5 */
     move_forward(c);
-    /* §5.7 step 6: Err(Mapped) -> flush Address(va) with the old frame kept, dispatch */
-    if (replaced) {
+    /* §5.7 step 6: Err(Mapped) -> flush Address(va) with the old frame kept, dispatch.
+     * seeded bug 29: a re-map of the same frame that sets U is taken for a pure grant (a
+     * spurious fault would fix it up, as for W) and not flushed; under SMAP, U revokes the
+     * kernel's access, so the stale entry keeps it. The old PTE's reference is dropped at once. */
+    if (replaced && SEEDED(29) && pte_paddr(old) == pa && (*e & PTE_US) && !(old & PTE_US)) {
+        frame_drop_ref(pa);
+        mb_result(HIL_RES_MAP_REPLACED, 1);
+        mb_result(HIL_RES_MAP_OLD_PADDR, pa);
+    } else if (replaced) {
         tlb_flusher_begin();
         /* seeded bug 14: flushes the cursor's VA after move_forward, not the re-mapped one;
          * seeded bug 15: keeps (releases) the new frame instead of the replaced one */
