@@ -29,10 +29,21 @@ from dataclasses import dataclass
 
 from hil.check import Finding, Kind, _node_va
 from hil.observe.snapshot import (
+    ADDR_MASK,
+    BIT_7,
+    BIT_P,
+    LEVELS,
+    QEMU_PHYS_MASK,
+    TLB_BITS,
+    TLB_FLAGS,
     Outcome,
     TlbLine,
+    canonical,
     compare_info_tlb,
+    decode_pte,
+    descends,
     leaf_mappings,
+    level_size,
     parse_info_tlb,
     render_info_tlb,
     translate,
@@ -146,8 +157,9 @@ class MmuProbes:
             return None
         vs, lo, hi = aff
         view = before.vm_spaces[vs]
-        mapped = view.mappings()
-        vas = sorted(va for va in mapped if lo <= va < hi)[:MAX_VAS]
+        # a range query, not view.mappings(): the plan costs the range, not the tree's size
+        mapped = view.mappings_in(lo, hi, MAX_VAS)
+        vas = list(mapped)
         new_safe = True  # the frame the op puts at the VA (map only) holds our `ret`
         if isinstance(op, m.Map):
             vas = [lo]
@@ -158,7 +170,8 @@ class MmuProbes:
         if not vas:
             return None
         # and a VA the op must leave alone, still mapped (the op kept the MMU on this space)
-        outside = [va for va in sorted(mapped) if not lo <= va < hi][:1]
+        first_outside = view.first_mapping_outside(lo, hi)
+        outside = [first_outside.va] if first_outside is not None else []
         # U matters where the op leaves a translation: not after an unmap (the VA must fault)
         user = self.user_probed and not isinstance(op, m.Unmap)
         per_va = 2 if isinstance(op, m.Unmap) else 4 + user
@@ -276,6 +289,7 @@ class MmuProbes:
 Walker = Callable[[PhysMemory, int, bool], list[TlbLine]]
 USER_TOP = 1 << 47
 KEPT_WALKS = 16  # walks kept for reuse (roots)
+LINES_PER_INTERVAL = 500  # QemuTranslation.due: tables up to this many lines at the base rate
 FULL_EVERY = 64  # the kernel half (shared, ~130k entries: ~30 ms in Python) every this many checks
 
 
@@ -284,24 +298,78 @@ def our_info_tlb(memory: PhysMemory, root: int, user_only: bool) -> list[TlbLine
     return render_info_tlb(leaf_mappings(memory, root, user_half=user_only, anomalies=[]))
 
 
-class _Recording:
-    """A PhysMemory that keeps every read (address and bytes) of the walk it serves."""
+_NODE_WORDS = struct.Struct("<512Q")
+# an entry of a rendered node: a leaf's line, or a child table (its paddr, its VA base)
+_NodeItem = TlbLine | tuple[int, int]
 
-    def __init__(self, memory: PhysMemory):
-        self.memory = memory
-        self.ram_size = memory.ram_size
-        self.reads: list[tuple[int, bytes]] = []
 
-    def read(self, paddr: int, size: int) -> bytes:
-        data = self.memory.read(paddr, size)
-        self.reads.append((paddr, data))
-        return data
+def _render_node(data: bytes, level: int, base: int, user_only: bool) -> list[_NodeItem]:
+    """One node's part of `our_info_tlb`, in entry order: what `_tree_leaves` and
+    `render_info_tlb` make of these 4 KiB (reserved-bit leaves left out, as the MMU faults)."""
+    out: list[_NodeItem] = []
+    indices = range(256) if level == LEVELS and user_only else range(512)
+    raw = _NODE_WORDS.unpack(data)
+    size = level_size(level)
+    for i in indices:
+        e = raw[i]
+        if not e & BIT_P:
+            continue
+        pte = decode_pte(e, level)
+        va = base + i * size
+        if pte.leaf:
+            if pte.reserved:
+                continue
+            shown = e & ~BIT_7 if level == 1 else e
+            flags = "".join(ch if shown & bit else "-" for ch, bit in zip(TLB_FLAGS, TLB_BITS, strict=True))
+            out.append(TlbLine(canonical(va), pte.addr & QEMU_PHYS_MASK, flags))
+        elif descends(e, level):
+            out.append((e & ADDR_MASK, va))
+    return out
 
-    def write(self, paddr: int, data: bytes) -> None:
-        raise AssertionError("the walker only reads")
 
-    def close(self) -> None:
-        pass
+class NodeLines:
+    """`our_info_tlb`, node by node: every node of the tree is read again at each call (4 KiB,
+    ~1 us), but a node's lines are rendered again only when its bytes changed, so a check of a
+    10,000-mapping tree costs the nodes an op changed, not the 10,000 lines. The result equals
+    `our_info_tlb` from scratch (tests/unit/test_oracle_walk_reuse.py)."""
+
+    def __init__(self) -> None:
+        # per (root, user_only): (paddr, level, va base) -> (the node's bytes, its items)
+        self.trees: dict[tuple[int, bool], dict[tuple[int, int, int], tuple[bytes, list[_NodeItem]]]] = {}
+        self.rendered = 0  # nodes rendered (not reused), for tests
+
+    def __call__(self, memory: PhysMemory, root: int, user_only: bool) -> list[TlbLine]:
+        root &= ADDR_MASK
+        old = self.trees.pop((root, user_only), {})
+        new: dict[tuple[int, int, int], tuple[bytes, list[_NodeItem]]] = {}
+        self.trees[(root, user_only)] = new  # the most recent last
+        while len(self.trees) > KEPT_WALKS:
+            del self.trees[next(iter(self.trees))]
+        out: list[TlbLine] = []
+        if root + PAGE_SIZE > memory.ram_size:
+            return out
+        seen: set[int] = set()
+
+        def visit(paddr: int, level: int, base: int) -> None:
+            seen.add(paddr)
+            data = memory.read(paddr, PAGE_SIZE)
+            key = (paddr, level, base)
+            kept = old.get(key)
+            if kept is None or kept[0] != data:
+                kept = (data, _render_node(data, level, base, user_only))
+                self.rendered += 1
+            new[key] = kept
+            for item in kept[1]:
+                if isinstance(item, TlbLine):
+                    out.append(item)
+                    continue
+                child, va = item
+                # as walk_tree: a subtree beyond RAM or a node reached twice is not descended
+                if child + PAGE_SIZE <= memory.ram_size and child not in seen:
+                    visit(child, level - 1, va)
+
+        visit(root, LEVELS, 0)
+        return out
 
 
 class QemuTranslation:
@@ -320,36 +388,34 @@ class QemuTranslation:
         self.checks = 0
         self.lines = 0
         self.seconds = 0.0
-        # our walk per (root, user half only): the RAM size and every read it made, and its
-        # lines. `our_info_tlb` is a function of exactly those bytes: when re-reading them gives
-        # the same bytes (~1 us a page), the walk would give the same lines, so they are reused
-        # instead of decoding every entry again (a tree of 10,000 mappings: most of the check)
-        self.walks: dict[tuple[int, bool], tuple[int, list[tuple[int, bytes]], list[TlbLine]]] = {}
+        self.last_index = -self.every  # the op of the last check (the first op is checked)
+        self.last_lines = 0  # lines QEMU printed then
+        # our walk, node by node, each node's lines kept while its bytes are unchanged
+        self.walks = NodeLines()
 
     def carry_from(self, prev: QemuTranslation) -> None:
         """A new machine's oracle goes on counting (and re-validates the kept walks)."""
         self.checks, self.lines, self.seconds = prev.checks, prev.lines, prev.seconds
+        self.last_index, self.last_lines = prev.last_index, prev.last_lines
         self.walks = prev.walks
 
     def ours(self, root: int, user_only: bool) -> list[TlbLine]:
         if self.walker is not our_info_tlb:  # a test's walker: called every time
             return self.walker(self.memory, root, user_only)
-        key = (root, user_only)
-        kept = self.walks.get(key)
-        if kept is not None:
-            ram_size, reads, lines = kept
-            if ram_size == self.memory.ram_size and all(self.memory.read(p, len(d)) == d for p, d in reads):
-                return list(lines)
-        rec = _Recording(self.memory)
-        lines = our_info_tlb(rec, root, user_only)
-        self.walks[key] = (self.memory.ram_size, rec.reads, lines)
-        while len(self.walks) > KEPT_WALKS:
-            del self.walks[next(iter(self.walks))]  # the oldest: a dropped VmSpace's root, likely
-        return list(lines)
+        return self.walks(self.memory, root, user_only)
+
+    def due(self, index: int) -> bool:
+        """Every `every` ops, stretched in proportion to the size of the tables QEMU printed
+        last (`LINES_PER_INTERVAL`): the check is O(mappings), so at 10,000 mappings it runs
+        ~16x less often and costs per op what it costs at a few hundred (issue 15: an op's
+        cost may not grow with the mapping count). `every` 1 (--paranoid): every op."""
+        if self.every == 1:
+            return True
+        return index - self.last_index >= self.every * max(1.0, self.last_lines / LINES_PER_INTERVAL)
 
     def plan(self, index: int, before: State, op: m.Op) -> int | None:
         """The root to view after `op` (written into the mailbox), or None this op."""
-        if index % self.every or isinstance(op, m.DropVmSpace) or not before.vm_spaces:
+        if not self.due(index) or isinstance(op, m.DropVmSpace) or not before.vm_spaces:
             return None
         vs = -1
         cursor = getattr(op, "cursor", None)
@@ -371,6 +437,7 @@ class QemuTranslation:
         ours = self.ours(root, user_only)
         self.checks += 1
         self.lines += len(qemu)
+        self.last_index, self.last_lines = index, len(qemu)
         out = [
             Finding(Kind.WALKER, index, "QEMU", "info tlb", vs=vs, va=d.key,
                     guest=str(d.qemu) if d.qemu else None, model=str(d.ours) if d.ours else None,

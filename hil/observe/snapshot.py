@@ -1181,7 +1181,7 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
 #   contiguity not required; addresses computed in 48 bits, then sign-extended on print.
 QEMU_PHYS_MASK = 0x3_FFFF_FFFF_F000
 TLB_FLAGS = "XGPDACTUW"
-_TLB_BITS = (BIT_NX, BIT_G, BIT_7, BIT_D, BIT_A, BIT_PCD, BIT_PWT, BIT_US, BIT_RW)
+TLB_BITS = (BIT_NX, BIT_G, BIT_7, BIT_D, BIT_A, BIT_PCD, BIT_PWT, BIT_US, BIT_RW)
 _TLB_RE = re.compile(r"^([0-9a-f]{16}): ([0-9a-f]{16}) ([-X][-G][-P][-D][-A][-C][-T][-U][-W])$")
 _MEM_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16}) ([0-9a-f]{16}) ([-u]r[-w])$")
 
@@ -1239,7 +1239,7 @@ def render_info_tlb(leaves: Iterable[Leaf]) -> list[TlbLine]:
     out = []
     for leaf in sorted(leaves, key=lambda lf: lf.va & ((1 << VA_BITS) - 1)):
         raw = leaf.pte.raw & ~BIT_7 if leaf.level == 1 else leaf.pte.raw
-        flags = "".join(ch if raw & bit else "-" for ch, bit in zip(TLB_FLAGS, _TLB_BITS, strict=True))
+        flags = "".join(ch if raw & bit else "-" for ch, bit in zip(TLB_FLAGS, TLB_BITS, strict=True))
         out.append(TlbLine(leaf.va, leaf.pa & QEMU_PHYS_MASK, flags))
     return out
 

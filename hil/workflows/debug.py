@@ -164,6 +164,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
                 # monitor of this machine (found again by its tag)
                 q = view.real
                 saved["qemu"] = {"every": q.every, "rng": q.rng.getstate(), "checks": q.checks, "pending": view.pending,
+                                 "last": (q.last_index, q.last_lines),
                                  "tag": machine.tag, "profile": profile_arg}  # fmt: skip
             pickle.dump(saved, fh)
         ctx = core.Context(

@@ -135,6 +135,7 @@ class Debugger:
             real = oracles.QemuTranslation(self.mem, self.layout, machine.hmp, every=q["every"])
             real.rng.setstate(q["rng"])
             real.checks = q["checks"]
+            real.last_index, real.last_lines = q["last"]
             self.view = core.PlannedView(real, q["pending"])
             self.runner.qemu = cast(oracles.QemuTranslation, self.view)
         self.runner.state = saved["before"]

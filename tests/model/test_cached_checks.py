@@ -292,3 +292,26 @@ def test_corruption_reaches_the_checks() -> None:
                 found += len(metaregion_sound(after, vs))
                 trees += any(n.present for n in view.nodes.values())
     assert found > 0 and trees > 10
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_range_queries_equal_filtering_every_mapping(seed: int) -> None:
+    """The MMU probes' plan asks for a range (hil/check/oracles.py MmuProbes.plan): the same
+    leaves, in the same order, as filtering every mapping, on corrupted trees too."""
+    rng = random.Random(seed)
+    for _before, after in random_states(seed):
+        for view in list(after.vm_spaces.values()) + list(after.leaked.values()):
+            every = ref_mappings(view)
+            vas = sorted(every)
+            bounds = [0, 1 << 47, rng.randrange(1 << 47)] + [va + d for va in rng.sample(vas, min(3, len(vas)))
+                                                             for d in (0, 1, -PAGE_SIZE)]  # fmt: skip
+            for lo in bounds:
+                for hi in bounds:
+                    limit = rng.choice([1, 3, 14, 10**6])
+                    want = [va for va in vas if lo <= va < hi][:limit]
+                    assert list(view.mappings_in(lo, hi, limit).items()) == [(va, every[va]) for va in want]
+                    outside = [va for va in vas if not lo <= va < hi][:1]
+                    got = view.first_mapping_outside(lo, hi)
+                    assert ([got.va] if got is not None else []) == outside
+                    if got is not None:
+                        assert got == every[got.va]

@@ -1,6 +1,7 @@
-"""The QEMU-translation oracle keeps our walk of a root and reuses it only while every byte
-the walk read is unchanged: after any edit of a node, a leaf entry or the tree's shape, its
-lines equal a walk from scratch (`our_info_tlb`), and a test's walker is never cached."""
+"""The QEMU-translation oracle renders our walk node by node and reuses a node's lines only
+while its bytes are unchanged (`NodeLines`): after any edit of a node, a leaf entry or the
+tree's shape (nodes reached twice, pointers beyond RAM), its lines equal a walk from scratch
+(`our_info_tlb`), and a test's walker is never cached."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_kept_walk_equals_a_fresh_walk_after_every_edit() -> None:
                 assert qt.ours(ROOT, user_only) == our_info_tlb(mem, ROOT, user_only), (seed, step)
 
 
-def test_an_unchanged_tree_is_not_walked_again_and_the_kept_walks_are_bounded() -> None:
+def test_only_changed_nodes_are_rendered_again_and_the_kept_trees_are_bounded() -> None:
     mem = DictMemory(RAM)
     mem.write_u64(ROOT, NODES[0] | TABLE)
     mem.write_u64(NODES[0], NODES[1] | TABLE)
@@ -60,14 +61,29 @@ def test_an_unchanged_tree_is_not_walked_again_and_the_kept_walks_are_bounded() 
     mem.write_u64(NODES[2], (0x300 << 12) | P | RW | US)
     qt = _oracle(mem)
     first = qt.ours(ROOT, True)
-    kept = qt.walks[(ROOT, True)][2]
-    assert qt.ours(ROOT, True) == first and qt.walks[(ROOT, True)][2] is kept  # reused
-    assert len(first) == 1
-    mem.write_u64(NODES[2] + 8, (0x301 << 12) | P | RW | US)  # a byte the walk read
-    assert len(qt.ours(ROOT, True)) == len(first) + 1
+    assert len(first) == 1 and qt.walks.rendered == 4
+    assert qt.ours(ROOT, True) == first and qt.walks.rendered == 4  # nothing changed: nothing rendered
+    mem.write_u64(NODES[2] + 8, (0x301 << 12) | P | RW | US)  # a leaf node's byte
+    assert len(qt.ours(ROOT, True)) == len(first) + 1 and qt.walks.rendered == 5  # that node only
+    mem.write_u64(RAM - 8, 1)  # a byte no walk reads
+    qt.ours(ROOT, True)
+    assert qt.walks.rendered == 5
     for k in range(oracles.KEPT_WALKS + 4):
         qt.ours(NODES[k % len(NODES)], True)
-    assert len(qt.walks) <= oracles.KEPT_WALKS
+    assert len(qt.walks.trees) <= oracles.KEPT_WALKS
+
+
+def test_pointers_beyond_ram_and_nodes_reached_twice_are_walked_as_from_scratch() -> None:
+    mem = DictMemory(RAM)
+    mem.write_u64(ROOT, NODES[0] | TABLE)
+    mem.write_u64(ROOT + 8, NODES[0] | TABLE)  # reached twice: not descended again
+    mem.write_u64(ROOT + 16, (RAM + 0x1000) | TABLE)  # beyond RAM
+    mem.write_u64(NODES[0], NODES[1] | TABLE)
+    mem.write_u64(NODES[1], NODES[2] | TABLE)
+    mem.write_u64(NODES[2], (0x300 << 12) | P | RW | US)
+    qt = _oracle(mem)
+    for user_only in (True, False):
+        assert qt.ours(ROOT, user_only) == our_info_tlb(mem, ROOT, user_only) and len(qt.ours(ROOT, user_only)) == 1
 
 
 def test_a_tests_walker_is_called_every_time() -> None:
@@ -82,4 +98,4 @@ def test_a_tests_walker_is_called_every_time() -> None:
     qt.walker = walker
     qt.ours(ROOT, True)
     qt.ours(ROOT, True)
-    assert calls == [ROOT, ROOT] and not qt.walks
+    assert calls == [ROOT, ROOT] and not qt.walks.trees
