@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 def timeout_scale() -> float:
@@ -21,13 +22,22 @@ def env_timeout_scale() -> float:
     return value if value > 0 else 1.0
 
 
+_LOAD_TTL_S = 1.0  # the kernel updates the load average every 5 s; the drive asks every op
+_load_cache: tuple[float, float] = (-_LOAD_TTL_S, 1.0)  # (monotonic time read, factor)
+
+
 def load_factor() -> float:
     """max(1, 1-minute load average / CPUs); 1 where the load is unknown."""
+    global _load_cache
+    now = time.monotonic()
+    if now - _load_cache[0] < _LOAD_TTL_S:
+        return _load_cache[1]
     try:
-        load = os.getloadavg()[0]
+        factor = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
     except OSError:
-        return 1.0
-    return max(1.0, load / (os.cpu_count() or 1))
+        factor = 1.0
+    _load_cache = (now, factor)
+    return factor
 
 
 class HilError(Exception):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hil.check import Finding, Kind
+from hil.errors import timeout_scale
 from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.shrink import shrink
@@ -128,7 +129,7 @@ def test_trace_replays_identically_and_shrinks(tmp_path: Path) -> None:
     target = next(f for f in trace.findings if f.clause == "SLOT" and f.field == "rc")
     # replay: identical results and findings
     out = subprocess.run([sys.executable, "-m", "hil.cli", "replay", str(trace_path)], capture_output=True,
-                         text=True, cwd=REPO, timeout=300)  # fmt: skip
+                         text=True, cwd=REPO, timeout=300 * timeout_scale())  # fmt: skip
     assert "0 differences" in out.stdout, out.stdout + out.stderr
     # shrink to a handful of events that still give the same finding
     events, finding = shrink(trace, Session, clause="SLOT")
@@ -155,7 +156,8 @@ def test_same_seed_gives_identical_traces(tmp_path: Path) -> None:
 def test_cli_run_exit_status_and_summary(tmp_path: Path) -> None:
     trace = tmp_path / "cli.jsonl"
     out = subprocess.run([sys.executable, "-m", "hil.cli", "run", "--ops", "60", "--seed", "5", "--trace",
-                          str(trace)], capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+                          str(trace)], capture_output=True, text=True, cwd=REPO,
+                         timeout=300 * timeout_scale())  # fmt: skip
     assert out.returncode in (0, 1), out.stderr
     assert "ops by kind:" in out.stdout and "trace:" in out.stdout
     t = read_trace(trace)
@@ -175,7 +177,7 @@ def test_bad_traces_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="not JSON"):
         read_trace(bad)
     out = subprocess.run([sys.executable, "-m", "hil.cli", "replay", str(bad)], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)  # fmt: skip
+                         cwd=REPO, timeout=60 * timeout_scale())  # fmt: skip
     assert out.returncode == 2 and "not JSON" in out.stderr
 
 
@@ -228,6 +230,6 @@ def test_replay_reports_a_difference(tmp_path: Path) -> None:
             break
     trace.write_text("\n".join(lines) + "\n")
     out = subprocess.run([sys.executable, "-m", "hil.cli", "replay", str(trace)], capture_output=True, text=True,
-                         cwd=REPO, timeout=300)  # fmt: skip
+                         cwd=REPO, timeout=300 * timeout_scale())  # fmt: skip
     assert out.returncode == 1 and "1 differences" in out.stdout, out.stdout + out.stderr
     assert "NewVmSpace()" in out.stdout

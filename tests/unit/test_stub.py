@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hil.errors import InfraError
+from hil.errors import InfraError, timeout_scale
 from hil.target.stub import (
     G_LAYOUT,
     FramingError,
@@ -106,7 +106,7 @@ def fake(tmp_path: Path) -> Iterator[Callable[[Handler], Path]]:
     for srv in servers:
         srv.close()
     for t in threads:
-        t.join(timeout=5)
+        t.join(timeout=5 * timeout_scale())
 
 
 def qemu_like(memory: bytearray) -> Handler:
@@ -228,7 +228,7 @@ def test_disconnect_leaves_the_guest_stopped_for_another_debugger(fake: Callable
     stub.set_physical_mode(True)
     stub.disconnect()
     assert not stub.alive()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 5 * timeout_scale()
     while len(seen) < 7 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert seen[4:] == [b"z0,1000,1", b"z1,2000,1", b"Qqemu.PhyMemMode:0"]
