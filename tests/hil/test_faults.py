@@ -553,7 +553,6 @@ def test_hil_ci_ends_cleanly_on_a_signal(tmp_path: Path) -> None:
         assert trace.end is None or trace.end["status"] in ("interrupted", "complete"), (t, trace.end)
 
 
-@pytest.mark.skipif(not os.environ.get("HIL_SLOW_TESTS"), reason="~50 s (a Dask cluster starts): HIL_SLOW_TESTS=1")
 def test_hil_nightly_ends_cleanly_on_sigint(tmp_path: Path) -> None:
     tag = new_tag()
     out = tmp_path / "night"
