@@ -344,11 +344,11 @@ class Coordinator:
         """(group key, its first finding, facet keys) of root causes in `r` not in the baseline and not
         shrunk (or being shrunk) tonight. New signatures that first show at one op are facets
         of one violation: the first is minimised, the others share its minimal trace."""
-        from hil.workflows.report import root_signatures
+        from hil.workflows.report import judged
 
         by_op: dict[int, list[tuple[str, dict[str, Any]]]] = {}
-        for d, sig in zip(r.findings, root_signatures(r.findings, self.known), strict=True):
-            if isinstance(d.get("caused_by"), int):
+        for d, (sig, verdict) in zip(r.findings, judged(r.findings, self.known), strict=True):
+            if verdict == "consequence":
                 continue
             key = group_key(sig)
             if sig in self.known or key in self.night.shrinks or key in self.shrinking:

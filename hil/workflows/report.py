@@ -51,7 +51,7 @@ class Group:
     first_op: int = 0
     first_seen: float = 0.0  # when the chunk that first showed it reported (wall clock)
     first_k: int = -1  # its position among the op findings of its chunk's trace (`hil debug --finding K`)
-    consequences: int = 0  # occurrences with caused_by set (a consequence of an earlier finding)
+    consequences: int = 0  # occurrences the baseline judges consequences (caused_by, a SPEC inv:X)
     example: str = ""  # Finding.describe() of the first occurrence
 
     @property
@@ -68,30 +68,25 @@ def counted(results: Iterable[ChunkResult]) -> list[ChunkResult]:
     return [by_id[k] for k in sorted(by_id)]
 
 
+def judged(findings: Sequence[dict[str, Any]], known: set[Signature]) -> list[tuple[Signature, str]]:
+    """Each finding's group and verdict ("known", "consequence", "new"), exactly as the baseline
+    judges it (hil.run.baseline.Baseline.judge): a SPEC or INVARIANT finding whose clause also
+    fails at the same op under a known signature joins that known group; a finding with
+    `caused_by`, or a SPEC `inv:X` beside the INVARIANT X of its op, is a consequence."""
+    baseline = bl.Baseline({sig: bl.Entry(*sig, trace="", reason="") for sig in known})
+    return [(sig, verdict) for _f, verdict, sig in baseline.judge(Finding.from_json(d) for d in findings)]
+
+
 def root_signatures(findings: Sequence[dict[str, Any]], known: set[Signature]) -> list[Signature]:
-    """Each finding's group, as the baseline judges it (hil.run.baseline.Baseline.compare): a
-    SPEC or INVARIANT finding whose clause also fails at the same op under a known signature is
-    another facet of that one violation, so it joins the known group."""
-    fs = [Finding.from_json(d) for d in findings]
-    known_at: dict[tuple[int, str, str], Signature] = {}
-    for f in fs:
-        sig = bl.signature(f)
-        if sig in known:
-            known_at.setdefault((f.op_index, str(f.kind), f.clause), sig)
-    out = []
-    for f in fs:
-        sig = bl.signature(f)
-        if sig not in known and str(f.kind) in bl.SPEC_LIKE:
-            sig = known_at.get((f.op_index, str(f.kind), f.clause), sig)
-        out.append(sig)
-    return out
+    """Each finding's group (`judged`)."""
+    return [sig for sig, _verdict in judged(findings, known)]
 
 
 def chunk_groups(r: ChunkResult, known: set[Signature]) -> dict[Signature, Group]:
     """One chunk's findings as root-cause groups (a night keeps these, not every finding)."""
     groups: dict[Signature, Group] = {}
     k = 0  # boot-state findings (op -1, from the trace's "booted" note) are not op findings
-    for d, sig in zip(r.findings, root_signatures(r.findings, known), strict=True):
+    for d, (sig, verdict) in zip(r.findings, judged(r.findings, known), strict=True):
         f = Finding.from_json(d)
         g = groups.get(sig)
         if g is None:
@@ -100,7 +95,7 @@ def chunk_groups(r: ChunkResult, known: set[Signature]) -> dict[Signature, Group
         k += f.op_index >= 0
         g.count += 1
         g.chunks.add(r.chunk_id)
-        if isinstance(d.get("caused_by"), int):
+        if verdict == "consequence":
             g.consequences += 1
     return groups
 

@@ -80,6 +80,23 @@ def test_facet_of_a_known_violation_is_known():
     assert groups["SPEC U-NEW uniques"]["count"] == 1 and groups["SPEC U-NEW uniques"]["status"] == "new"
 
 
+def test_an_axioms_inv_conjunct_beside_its_invariant_is_a_consequence():
+    # as Baseline.judge: SPEC inv:S1 fails because INVARIANT S1 broke at that very op; the
+    # invariant is the root cause (new here), the axiom's conjunct never new by itself
+    r = result("c00000", 10, [finding("INVARIANT", "S1", "rc", 4), finding("SPEC", "MAP-4", "inv:S1", 4),
+                              finding("SPEC", "MAP-4", "inv:S1", 6)], t0=0.0, dt=1.0)  # fmt: skip
+    s = build_summary([r], meta={}, shrinks={}, known=set(), previous=None, out_dir=Path("/n"))
+    groups = {f["key"]: f for f in s["findings"]}
+    assert groups["INVARIANT S1 slot"]["status"] == "new"
+    spec = groups["SPEC MAP-4 inv"]
+    # op 6 has no INVARIANT S1 beside it: that occurrence is a root cause of its own
+    assert spec["count"] == 2 and spec["consequences"] == 1 and spec["status"] == "new"
+    r2 = result("c00000", 10, r.findings[:2], t0=0.0, dt=1.0)
+    s2 = build_summary([r2], meta={}, shrinks={}, known=set(), previous=None, out_dir=Path("/n"))
+    assert {f["key"]: f["status"] for f in s2["findings"]}["SPEC MAP-4 inv"] == "consequence"
+    assert junit_xml(s2).count("<failure") == 1  # the invariant only
+
+
 def test_previous_night_new_fixed_unchanged():
     prev = {"version": 1, "out": "/prev", "findings": [{"key": "SPEC MAP-2 slot", "count": 4},
                                                        {"key": "SPEC UNMAP-2 slot", "count": 1},
