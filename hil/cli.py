@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="known findings: exit 0 unless a new one appears")
     run.add_argument("--gdb-only", action="store_true", help="read memory through gdb, not the shared RAM file")
     run.add_argument("--paranoid", action="store_true",
-                     help="compare QEMU's own translation with the walker after every op (default: every 50)")
+                     help="compare QEMU's own translation with the walker after every op (default: every 200)")
     run.add_argument("--show", choices=("new", "all", "none"), default="new",
                      help="print findings as they come: the first of each kind/clause/field (default), all, none")
     run.set_defaults(fn=cmd_run)

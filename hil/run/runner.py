@@ -25,9 +25,11 @@ from model import ops as m
 from model.state import State, changed_slots
 
 REBOOT_STATUSES = (m.Status.PANIC, m.Status.EXCEPTION)
-# QEMU's own translation vs the walker every this many ops (`info tlb` ~4 ms + our render
-# ~1 ms: ~0.1 ms per op at 50); `hil run --paranoid` checks every op. 0: never.
-QEMU_EVERY = 50
+# QEMU's own translation vs the walker every this many ops (`info tlb` ~4-5 ms, most of it QEMU
+# reading the 256 shared kernel-half PDPTs, plus our render: ~25 us per op at 200, ~100 at 50,
+# an eighth of a checked op); stretched for big tables (QemuTranslation.due); `hil run
+# --paranoid` checks every op. 0: never.
+QEMU_EVERY = 200
 UNPREDICTED_STATUS = {m.Probe: m.Status.OK, m.RaiseFault: m.Status.EXCEPTION}
 
 

@@ -239,18 +239,19 @@ def test_batch_steps_through_several_ops() -> None:
 def test_hil_step_runs_the_sampled_qemu_oracle_and_the_mmu_probes(tmp_path: Path) -> None:
     path = tmp_path / "sampled.jsonl"
     prop = PageProperty()
-    # op 50 is one the Runner samples for QEMU's own translation (QEMU_EVERY); op 51 is probed
+    # the Runner samples QEMU's own translation at the first op with a VmSpace (op 1), then
+    # QEMU_EVERY ops later (QemuTranslation.due): that op is `sampled`; the op after it is probed
+    sampled = 1 + QEMU_EVERY
     events: list[m.Op] = [m.NewVmSpace(), m.OpenCursorMut(1, 0, 1 << 30), m.FrameFromUnused(DATA)]
-    events += [m.Nop(i) for i in range(3, 50)] + [m.Nop(50), m.Map(1, 1, prop)]
+    events += [m.Nop(i) for i in range(3, sampled)] + [m.Nop(sampled), m.Map(1, 1, prop)]
     _record(path, events)
-    assert QEMU_EVERY == 50
-    out = _hil_debug(str(path), "--at", "50", "--batch", "hil-step; hil-step")
+    out = _hil_debug(str(path), "--at", str(sampled), "--batch", "hil-step; hil-step")
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert re.search(r"op 50 Nop\(value=0x32\) -> OpResult\.ok\(value=0x32\)\nno findings\n"
+    assert re.search(rf"op {sampled} Nop\(value={sampled:#x}\) -> OpResult\.ok\(value={sampled:#x}\)\nno findings\n"
                      r"checked: model, spec clauses, invariants, QEMU's info tlb \(\d+ lines\)\n", text), text
-    assert re.search(r"op 51 Map\(.*\) -> OpResult\.ok\(.*\)\n(.*\n)*checked: model, spec clauses, invariants, "
-                     r"\d+ MMU probes\n", text), text
+    assert re.search(rf"op {sampled + 1} Map\(.*\) -> OpResult\.ok\(.*\)\n(.*\n)*checked: model, spec clauses, "
+                     r"invariants, \d+ MMU probes\n", text), text
     assert "differs from the trace" not in text
 
 
