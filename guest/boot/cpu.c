@@ -56,6 +56,19 @@ static void smap_init(void) {
     smap_enforce();  /* AC clear: the kernel touches user pages only inside a probe */
 }
 
+/* Before probes: CR4.SMAP back on if something turned it off. The harness's fast reset writes
+ * the boot registers back through QEMU's gdb stub, and under KVM (kvm_pvm here) the CR4 of
+ * that write does not take: measured 0x200020 at boot, 0x20 after a reset, and every U probe
+ * then passed where it must fault. */
+void smap_ensure(void) {
+    if (!cpu_smap)
+        return;
+    u64 cr4;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    if (!(cr4 & 1UL << 21))
+        __asm__ volatile("mov %0, %%cr4" ::"r"(cr4 | 1UL << 21) : "memory");
+}
+
 void cpu_init(void) {
     u64 base = (u64)&tss, limit = sizeof(tss) - 1;
     gdt[0] = 0;

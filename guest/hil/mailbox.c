@@ -212,6 +212,7 @@ static void run_op(void) {
     if (nprobe > HIL_PROBE_CAP)
         nprobe = 0;
     if (nprobe) {
+        smap_ensure();
         saved_cr3 = read_cr3();
         write_cr3(*mb_word(HIL_OFF_PROBE_ROOT));
         run_probes(nprobe, true);

@@ -81,9 +81,17 @@ extern volatile int probe_armed;
 extern volatile u64 probe_error_code, probe_cr2;
 /* CR4.SMAP is on (CPUID reported it; hil_layout probe_user): a kernel data access to a user
  * page faults unless EFLAGS.AC is set, which is how the probes see a translation's U bit.
- * stac/clac are #UD without SMAP, so they run only when this is set. */
+ * AC goes through pushf/popf, not stac/clac: the software KVM of this workplace (kvm_pvm)
+ * cannot emulate stac/clac (an emulation failure at boot), and popf works everywhere. */
 extern bool cpu_smap;
-static inline void smap_allow(void) { if (cpu_smap) __asm__ volatile("stac" ::: "memory", "cc"); }
-static inline void smap_enforce(void) { if (cpu_smap) __asm__ volatile("clac" ::: "memory", "cc"); }
+void smap_ensure(void);
+static inline void smap_allow(void) {
+    if (cpu_smap)
+        __asm__ volatile("pushfq; orq $0x40000, (%%rsp); popfq" ::: "memory", "cc");
+}
+static inline void smap_enforce(void) {
+    if (cpu_smap)
+        __asm__ volatile("pushfq; andq $~0x40000, (%%rsp); popfq" ::: "memory", "cc");
+}
 
 #endif
