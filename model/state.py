@@ -301,11 +301,11 @@ class VmSpaceView:
 
         yield from visit(root, 0)
 
-    def mappings_in(self, lo: int, hi: int, limit: int) -> dict[int, Mapping_]:
-        """The first `limit` leaves (VA ascending) with lo <= va < hi."""
+    def mappings_in(self, lo: int, hi: int, limit: int | None = None) -> dict[int, Mapping_]:
+        """The first `limit` (default: all) leaves, VA ascending, with lo <= va < hi."""
         out: dict[int, Mapping_] = {}
         for mp in self.leaves_from(lo):
-            if mp.va >= hi or len(out) >= limit:
+            if mp.va >= hi or (limit is not None and len(out) >= limit):
                 break
             out[mp.va] = mp
         return out
@@ -316,6 +316,14 @@ class VmSpaceView:
         if first is not None and first.va < lo:
             return first
         return next(self.leaves_from(hi), None)
+
+    def mapped_paddrs(self) -> frozenset[int]:
+        """The frames `mappings` maps (cached per view, as `mappings`)."""
+        cached: frozenset[int] | None = self.__dict__.get("_mapped_paddrs")
+        if cached is None:
+            cached = frozenset(mp.paddr for mp in self.mappings().values())
+            self.__dict__["_mapped_paddrs"] = cached
+        return cached
 
     def mappings(self) -> dict[int, Mapping_]:
         """Every leaf reachable through the user half (root entries 0..255). Cached per view:

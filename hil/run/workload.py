@@ -185,7 +185,7 @@ class Workload:
         if w < 0.84:
             # clones of handles and of mapped frames: the same frame then ends up mapped in
             # several VmSpaces (often at the same hot VA, i.e. the same tree path)
-            mapped = {mp.paddr for v in state.vm_spaces.values() for mp in v.mappings().values()}
+            mapped = frozenset().union(*(v.mapped_paddrs() for v in state.vm_spaces.values()))
             in_use = sorted(set(state.frames.values()) | mapped | {self.layout.kernel_root})
             return m.FrameFromInUse(paddr=self._choice(in_use))
         if w < 0.88:
@@ -210,7 +210,7 @@ class Workload:
         its range first (or unmap the page when none is free)."""
         cur = state.cursors[c]
         view = state.vm_spaces.get(cur.vs)
-        mapped = set(view.mappings()) if view is not None else set()
+        mapped = view.mappings() if view is not None else {}
         prop = PROPS[self.rng.randrange(len(PROPS))]
         if cur.va < cur.end and cur.va not in mapped:
             return m.Map(cursor=c, frame=frame, prop=prop)
@@ -259,7 +259,7 @@ class Workload:
         view = state.vm_spaces.get(cur.vs)
         if view is None:
             return None
-        mapped = sorted(va for va in view.mappings() if cur.start <= va < cur.end)
+        mapped = list(view.mappings_in(cur.start, cur.end))  # VA ascending: a range query, not every leaf
         if not mapped:
             return None
         va = self._choice(mapped)
@@ -291,11 +291,10 @@ class Workload:
         for vs, view in sorted(state.vm_spaces.items()):
             if vs == target.vs:
                 continue
-            for va, mp in sorted(view.mappings().items()):
-                if target.start <= va < target.end:
-                    fid = state.next_ids.get("frame", 1)  # the clone's id: ids are counters
-                    self.plan = [m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[0])]
-                    return m.FrameFromInUse(paddr=mp.paddr)
+            for va, mp in view.mappings_in(target.start, target.end, 1).items():  # the lowest in range
+                fid = state.next_ids.get("frame", 1)  # the clone's id: ids are counters
+                self.plan = [m.Jump(cursor=c, va=va), m.Map(cursor=c, frame=fid, prop=PROPS[0])]
+                return m.FrameFromInUse(paddr=mp.paddr)
         return None
 
     def _segment_or_unique_op(self, state: State) -> m.Op:
@@ -385,7 +384,7 @@ class Workload:
         cur = state.cursors[c]
         if self.upstream and cur.mutable and state.frames and self.rng.random() < 0.3:
             view = state.vm_spaces.get(cur.vs)
-            mapped = sorted(va for va in (view.mappings() if view else ()) if cur.start <= va < cur.end)
+            mapped = list(view.mappings_in(cur.start, cur.end)) if view else []
             if mapped:  # upstream: map over a mapped page panics (MAP_ALREADY_MAPPED)
                 self.plan = [m.Map(cursor=c, frame=self._choice(sorted(state.frames)))]
                 return m.Jump(cursor=c, va=self._choice(mapped))

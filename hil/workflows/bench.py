@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description="throughput of the checked run per mode")
     parser.add_argument("--ops", type=int, default=1000)
     parser.add_argument("--gdb-only-ops", type=int, default=200)
-    parser.add_argument("--scaling-ops", type=int, default=300, help="ops per scaling row (0: no scaling rows)")
+    parser.add_argument("--scaling-ops", type=int, default=1000,
+                        help="ops per scaling row (0: no scaling rows); long enough that the first check "
+                             "of a big table (our render of every node: kept for the next) amortises as in a run")
     parser.add_argument("--scaling", default="", metavar="PROFILE:MAPPINGS,...",
                         help=f"scaling rows (scripts/bench: {SCALING_ROWS})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
