@@ -9,6 +9,7 @@ records `parent` and the set of slot indices whose `Slot` object differs (`chang
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -219,6 +220,25 @@ class PageTableNode:
             out.setdefault(target, []).append(j)
         return {t: tuple(js) for t, js in out.items()}
 
+    @cached_property
+    def tables(self) -> tuple[tuple[int, int], ...]:
+        """(k, child paddr) of each present entry that points at a next-level node, k ascending."""
+        return tuple((k, pte_paddr(pte)) for k, pte, _target, leaf in self.present if not leaf)
+
+    @cached_property
+    def leaf_paddrs(self) -> frozenset[int]:
+        """The frames this node's leaf entries map."""
+        return frozenset(pte_paddr(pte) for _k, pte, _target, leaf in self.present if leaf)
+
+    def leaf_dict_at(self, base: int) -> dict[int, Mapping_]:
+        """`leaves_at` by VA (cached with it): a view's `mappings` merges these per node."""
+        cached = self.__dict__.get("_leaf_dict")
+        if cached is not None and cached[0] == base:
+            return cached[1]
+        out = {mp.va: mp for mp in self.leaves_at(base)}
+        self.__dict__["_leaf_dict"] = (base, out)
+        return out
+
     def leaves_at(self, base: int) -> tuple[Mapping_, ...]:
         """The Mapping_ of each leaf entry when the node maps the VA range starting at `base`
         (cached for the last base asked: a node is reached at one base)."""
@@ -237,6 +257,10 @@ class PageTableNode:
         leaves = tuple(out)
         self.__dict__["_leaves"] = (base, leaves)
         return leaves
+
+
+def _leaf_va(mp: Mapping_) -> int:
+    return mp.va
 
 
 @dataclass(frozen=True)
@@ -270,86 +294,111 @@ class VmSpaceView:
         while stack:
             node = stack.pop()
             out.append(node)
-            for _k, pte, _target, leaf in node.present:
-                if not leaf:
-                    child = self.nodes.get(pte_paddr(pte))
-                    if child is not None:
-                        stack.append(child)
+            for _k, child_paddr in node.tables:
+                child = self.nodes.get(child_paddr)
+                if child is not None:
+                    stack.append(child)
         return tuple(out)
 
-    def leaves_from(self, lo: int) -> Iterator[Mapping_]:
-        """The leaves `mappings` holds with va >= lo, VA ascending, lazily: only the entries at
-        or past `lo` are visited, so the first few cost the tree's depth, not its size (the
-        MMU probes' plan on a VmSpace of 10,000 mappings)."""
+    _TREE_CACHES = ("walk_nodes", "_mappings", "_mapped_paddrs", "_visited_nodes")
+
+    def with_cursor(self, cursor: int) -> VmSpaceView:
+        """This view with another borrowing cursor: the same tree, so its caches (walk order,
+        mappings, mapped frames) carry over (a cursor opened on a 10,000-leaf VmSpace)."""
+        out = VmSpaceView(self.vs, self.root, self.nodes, cursor)
+        for name in self._TREE_CACHES:
+            if name in self.__dict__:
+                out.__dict__[name] = self.__dict__[name]
+        return out
+
+    def mappings_in(self, lo: int, hi: int, limit: int | None = None) -> dict[int, Mapping_]:
+        """The first `limit` (default: all) leaves of `mappings` with lo <= va < hi, VA
+        ascending. Only the nodes overlapping the range are visited, and a node of leaves is
+        cut by bisection: the MMU probes' plan and the workload's aim cost the range, not the
+        tree (a VmSpace of 10,000 mappings)."""
+        out: dict[int, Mapping_] = {}
         root = self.nodes.get(self.root)
         if root is None:
             raise KeyError(self.root)
+        cap = -1 if limit is None else limit
 
-        def visit(node: PageTableNode, base: int) -> Iterator[Mapping_]:
+        def visit(node: PageTableNode, base: int) -> None:
+            if not node.tables:  # leaves only (every level-1 node): VA ascending, bisected
+                leaves = node.leaves_at(base)
+                for mp in leaves[bisect_left(leaves, lo, key=_leaf_va) :]:
+                    if mp.va >= hi or len(out) == cap:
+                        return
+                    out[mp.va] = mp
+                return
             size = page_size(node.level)
             for k, pte, _target, leaf in node.present:
                 va = base + k * size
                 if va + size <= lo:
                     continue
+                if va >= hi or len(out) == cap:
+                    return
                 if leaf:
                     if va >= lo:
-                        yield Mapping_(va, pte_paddr(pte), node.level, pte, node.path + (k,))
+                        out[va] = Mapping_(va, pte_paddr(pte), node.level, pte, node.path + (k,))
                     continue
                 child = self.nodes.get(pte_paddr(pte))
                 if child is not None and child.level < node.level:  # (a corrupt tree: no cycle)
-                    yield from visit(child, va)
+                    visit(child, va)
 
-        yield from visit(root, 0)
-
-    def mappings_in(self, lo: int, hi: int, limit: int | None = None) -> dict[int, Mapping_]:
-        """The first `limit` (default: all) leaves, VA ascending, with lo <= va < hi."""
-        out: dict[int, Mapping_] = {}
-        for mp in self.leaves_from(lo):
-            if mp.va >= hi or (limit is not None and len(out) >= limit):
-                break
-            out[mp.va] = mp
+        visit(root, 0)
         return out
 
     def first_mapping_outside(self, lo: int, hi: int) -> Mapping_ | None:
         """The leaf of lowest VA not in [lo, hi)."""
-        first = next(self.leaves_from(0), None)
-        if first is not None and first.va < lo:
-            return first
-        return next(self.leaves_from(hi), None)
+        for mp in self.mappings_in(0, lo, 1).values():
+            return mp
+        for mp in self.mappings_in(hi, 1 << 64, 1).values():
+            return mp
+        return None
 
     def mapped_paddrs(self) -> frozenset[int]:
-        """The frames `mappings` maps (cached per view, as `mappings`)."""
+        """The frames `mappings` maps (cached per view, as `mappings`), from the nodes' sets."""
         cached: frozenset[int] | None = self.__dict__.get("_mapped_paddrs")
         if cached is None:
-            cached = frozenset(mp.paddr for mp in self.mappings().values())
+            cached = frozenset().union(*(n.leaf_paddrs for n in self._mapping_nodes()))
             self.__dict__["_mapped_paddrs"] = cached
         return cached
 
+    def _mapping_nodes(self) -> list[PageTableNode]:
+        """The nodes `mappings` visits (a node reached at two VAs: twice)."""
+        nodes = self.__dict__.get("_visited_nodes")
+        if nodes is None:
+            self.mappings()
+            nodes = self.__dict__["_visited_nodes"]
+        return nodes
+
     def mappings(self) -> dict[int, Mapping_]:
         """Every leaf reachable through the user half (root entries 0..255). Cached per view:
-        the caller must not change the dict."""
+        the caller must not change the dict. Built from each node's cached leaves (a changed
+        tree of 10,000 leaves costs its nodes, not 10,000 Python steps)."""
         cached: dict[int, Mapping_] | None = self.__dict__.get("_mappings")
         if cached is not None:
             return cached
         out: dict[int, Mapping_] = {}
+        visited: list[PageTableNode] = []
         root = self.nodes.get(self.root)
         if root is None:
             raise KeyError(self.root)
         stack: list[tuple[PageTableNode, int]] = [(root, 0)]
         while stack:
             node, base = stack.pop()
+            visited.append(node)
             size = page_size(node.level)
-            for mp in node.leaves_at(base):
-                out[mp.va] = mp
-            for k, pte, _target, leaf in node.present:
-                if not leaf:
-                    child = self.nodes.get(pte_paddr(pte))
-                    if child is not None:
-                        va = base + k * size
-                        if node.level == 4 and va >= 1 << 47:
-                            va |= 0xFFFF_0000_0000_0000
-                        stack.append((child, va))
+            out.update(node.leaf_dict_at(base))
+            for k, child_paddr in node.tables:
+                child = self.nodes.get(child_paddr)
+                if child is not None:
+                    va = base + k * size
+                    if node.level == 4 and va >= 1 << 47:
+                        va |= 0xFFFF_0000_0000_0000
+                    stack.append((child, va))
         self.__dict__["_mappings"] = out
+        self.__dict__["_visited_nodes"] = visited
         return out
 
 

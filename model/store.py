@@ -392,7 +392,7 @@ class _Cursor:
         self.tx.cursors[self.c.id] = self.c.view()
         vs = self.tx.vm_spaces[self.c.vs]
         if vs.cursor != self.c.id:
-            self.tx.vm_spaces[self.c.vs] = dataclasses.replace(vs, cursor=self.c.id)
+            self.tx.vm_spaces[self.c.vs] = vs.with_cursor(self.c.id)
 
     def node(self, level: int | None = None) -> PageTableNode:
         """path[level-1]: the node of `level` on the walk of va."""
@@ -641,7 +641,7 @@ def _open_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     cid = tx.fresh_id("cursor")
     tx.cursors[cid] = CursorView(cid, op.vs, isinstance(op, o.OpenCursorMut), op.start, op.end, op.start,
                                  NR_LEVELS, NR_LEVELS)  # fmt: skip
-    tx.vm_spaces[op.vs] = dataclasses.replace(view, cursor=cid)
+    tx.vm_spaces[op.vs] = view.with_cursor(cid)
     return _ok(op, cursor=cid)
 
 
@@ -652,7 +652,7 @@ def _drop_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     del tx.cursors[op.cursor]
     view = tx.vm_spaces.get(c.vs)
     if view is not None and view.cursor == op.cursor:
-        tx.vm_spaces[c.vs] = dataclasses.replace(view, cursor=0)
+        tx.vm_spaces[c.vs] = view.with_cursor(0)
     return _ok(op)
 
 

@@ -190,7 +190,7 @@ def _drop_vm_space(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     if view.cursor:
         raise _Err(ErrorCode.VM_SPACE_BUSY)
     del tx.vm_spaces[op.vs]
-    tx.leaked[op.vs] = dataclasses.replace(view, cursor=0)
+    tx.leaked[op.vs] = view.with_cursor(0)
     return _ok(op)
 
 
@@ -262,7 +262,7 @@ def _open_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     cid = tx.fresh_id("cursor")
     tx.cursors[cid] = CursorView(cid, op.vs, isinstance(op, o.OpenCursorMut), op.start, op.end, op.start,
                                  guard, guard)  # fmt: skip
-    tx.vm_spaces[op.vs] = dataclasses.replace(view, cursor=view.cursor + 1)  # upstream: a count
+    tx.vm_spaces[op.vs] = view.with_cursor(view.cursor + 1)  # upstream: a count
     return _ok(op, cursor=cid)
 
 
@@ -274,7 +274,7 @@ def _drop_cursor(tx: _Tx, op: o.Op, alloc: Callable[[int], int]) -> OpResult:
     del tx.cursors[op.cursor]
     view = tx.vm_spaces.get(c.vs)
     if view is not None:
-        tx.vm_spaces[c.vs] = dataclasses.replace(view, cursor=view.cursor - 1)
+        tx.vm_spaces[c.vs] = view.with_cursor(view.cursor - 1)
     return _ok(op)
 
 

@@ -482,6 +482,8 @@ def expected_flushes(
         kept = new.get(paddr)
         if kept is None or kept.path != node.path:
             continue  # freed with its subtree: inside a taken range
+        if kept is node or kept.entries == node.entries:
+            continue  # unchanged (the snapshot shares an unchanged node's object)
         for i, (b, a) in enumerate(zip(node.entries, kept.entries, strict=True)):
             if b & 0x81 and not a & 0x81:  # OSTD's is_present: bit 0 or bit 7
                 va = _node_va(node.path, i) & ((1 << 48) - 1)

@@ -1017,8 +1017,16 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
         return fetch
 
     trees: dict[tuple[str, int], _Tree] = {}
+    spanned = {("vs", vs) for vs, _s, _e in spans}
     for key, root in roots.items():
-        trees[key] = _walk_cached(mem, root, layout.slot_count, trees_before.get(key), fetcher(key))
+        kept = trees_before.get(key)
+        if (slow_nodes and kept is not None and key not in spanned and kept.root == root & ADDR_MASK
+                and pages.isdisjoint(kept.infos)):  # fmt: skip
+            # no op wrote into this tree and no poke hit it: the walk would re-use every node's
+            # decoding as it is, so the tree is the same (a 10,000-leaf VmSpace costs nothing)
+            trees[key] = _Tree(kept.root, kept.infos, kept.anomalies, kept.nodes)
+            continue
+        trees[key] = _walk_cached(mem, root, layout.slot_count, kept, fetcher(key))
 
     # references: the difference of the nodes that changed
     touched: set[int] = set()
@@ -1140,6 +1148,8 @@ def read_state(mem: PhysMemory, layout: abi.Layout, prev: State | None = None, *
                 and all(old_t.infos[p] is i for p, i in trees[key].infos.items())):  # fmt: skip
             if old_view.root == root & ADDR_MASK and old_view.cursor == cursor:
                 return old_view  # unchanged: the same object (cheap equality, caches keep)
+            if old_view.root == root & ADDR_MASK:
+                return old_view.with_cursor(cursor)  # the same tree: its caches carry over
             nodes = old_view.nodes  # type: ignore[assignment]  # unchanged tree: share prev's dict
         return VmSpaceView(vs, root & ADDR_MASK, nodes, cursor)
 

@@ -262,6 +262,8 @@ def test_mappings_walk_order_and_counts_equal_from_scratch(seed: int) -> None:
             want = ref_mappings(view)
             assert list(got.items()) == list(want.items())  # same order too
             assert view.mappings() is got  # cached per view
+            assert view.mapped_paddrs() == {mp.paddr for mp in want.values()}
+            assert view.with_cursor(view.cursor + 1).mappings() is got  # the same tree: caches carry over
             assert [(n, k, p) for n in view.walk_nodes for k, p, _t, _l in n.present] == list(walk(view))
         assert inv.unparked(after) == ref_unparked(after)
         assert (after.handle_counts(), after.cover_counts()) == ref_counts(after)
