@@ -79,10 +79,12 @@ def summary(runner: Runner, trace_path: Path | None, boot_findings: int) -> str:
     oracle = []
     if runner.probes is not None:
         seen = "U probed (SMAP)" if runner.probes.user_probed else "U not probed (the CPU has no SMAP)"
-        oracle.append(f"MMU probes: {runner.probes.probes_run} after {runner.probes.ops_probed} ops, {seen}")
+        refused = f", {runner.probes.refused} refused (a root without the kernel half)" if runner.probes.refused else ""
+        oracle.append(f"MMU probes: {runner.probes.probes_run} after {runner.probes.ops_probed} ops, {seen}{refused}")
     if runner.qemu is not None:
+        refused = f", {runner.qemu.refused} views refused" if runner.qemu.refused else ""
         oracle.append(f"QEMU translation: {runner.qemu.checks} checks ({runner.qemu.lines} lines, "
-                      f"every {runner.qemu.every} ops)")  # fmt: skip
+                      f"every {runner.qemu.every} ops{refused})")  # fmt: skip
     if oracle:
         out.append("oracles: " + "; ".join(oracle) + "\n")
     n = st.total_ops

@@ -3,6 +3,19 @@
 
 volatile u8 hil_mailbox[HIL_MAILBOX_SIZE] __attribute__((section(".data.hil_mailbox"), aligned(4096)));
 
+/* A root the guest can run on: a page in RAM whose kernel half is the kernel root's (every
+ * OSTD root copies it). Loading any other into CR3 (the probes' and QEMU's view) would fault
+ * the next instruction with no handler mapped: a triple fault instead of a finding. */
+static bool root_runs_kernel(u64 root) {
+    if (root & (PAGE_SIZE - 1) || root >= mm.ram_size)
+        return false;
+    const u64 *mine = pt_node(root), *kernel = pt_node(mm.kernel_root);
+    for (int i = 256; i < 512; i++)
+        if ((mine[i] ^ kernel[i]) & ~(PTE_A | PTE_D))  /* A / D: the CPU sets them per walk */
+            return false;
+    return true;
+}
+
 void hil_panic(u64 code, const char *why) {
     volatile char *msg = (volatile char *)(hil_mailbox + HIL_OFF_MESSAGE);
     int i = 0;
@@ -211,6 +224,10 @@ static void run_op(void) {
     nprobe = *mb_word(HIL_OFF_PROBE_COUNT);
     if (nprobe > HIL_PROBE_CAP)
         nprobe = 0;
+    if (nprobe && !root_runs_kernel(*mb_word(HIL_OFF_PROBE_ROOT))) {
+        nprobe = 0;
+        *mb_word(HIL_OFF_PROBE_COUNT) = HIL_ROOT_REFUSED;
+    }
     if (nprobe) {
         smap_ensure();
         saved_cr3 = read_cr3();
@@ -226,16 +243,21 @@ static void run_op(void) {
     /* else: hil_panic / the exception handler already wrote status and code */
     op_recover_armed = 0;
     if (nprobe) {
-        if (*mb_word(HIL_OFF_RESP_STATUS) == HIL_STATUS_OK)
+        /* the op may have broken the root it ran under (handed it out as a new node) */
+        bool runs = root_runs_kernel(*mb_word(HIL_OFF_PROBE_ROOT));
+        if (runs && *mb_word(HIL_OFF_RESP_STATUS) == HIL_STATUS_OK)
             run_probes(nprobe, false);
         write_cr3(saved_cr3);
-        *mb_word(HIL_OFF_PROBE_COUNT) = 0;  /* consumed */
+        *mb_word(HIL_OFF_PROBE_COUNT) = runs ? 0 : HIL_ROOT_REFUSED;  /* consumed */
     }
     u64 view = *mb_word(HIL_OFF_VIEW_ROOT);
     if (view) {
-        view_saved_cr3 = read_cr3();
-        write_cr3(view);
-        *mb_word(HIL_OFF_VIEW_ROOT) = 0;  /* consumed */
+        bool runs = root_runs_kernel(view);
+        if (runs) {
+            view_saved_cr3 = read_cr3();
+            write_cr3(view);
+        }
+        *mb_word(HIL_OFF_VIEW_ROOT) = runs ? 0 : HIL_ROOT_REFUSED;  /* consumed */
     }
 }
 

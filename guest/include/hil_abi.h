@@ -62,6 +62,7 @@
 #define HIL_PROBE_EXEC_OFFSET 8
 #define HIL_PROBE_OK 1
 #define HIL_PROBE_FAULT 2
+#define HIL_ROOT_REFUSED 1
 #define HIL_FLUSH_LOG_ALL 0xffffffffffffffffULL
 
 /* layout block: u64 word indices */

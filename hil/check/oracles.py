@@ -132,6 +132,7 @@ class MmuProbes:
         self.layout = layout
         self.ops_probed = 0
         self.probes_run = 0
+        self.refused = 0
         # the guest enabled SMAP (its CPU has it): plan the AC-clear read that sees U. Without
         # it U is not probed at all (hil run says so), rather than guessed from a ring-0 access.
         self.user_probed = bool(layout.probe_user)
@@ -209,8 +210,12 @@ class MmuProbes:
 
     def check(self, index: int, plan: ProbePlan, after: State) -> list[Finding]:
         """Compare each probe with the walker's translation of the guest's tables after the op."""
+        base = self.layout.mailbox
+        if int.from_bytes(self.memory.read(base + abi.OFF_PROBE_COUNT, 8), "little") == abi.ROOT_REFUSED:
+            self.refused += 1  # a root the guest cannot run on (abi.ROOT_REFUSED): other checks see why
+            return []
         self.ops_probed += 1
-        raw = self.memory.read(self.layout.mailbox + abi.OFF_PROBES, abi.PROBE_ENTRY_SIZE * len(plan.entries))
+        raw = self.memory.read(base + abi.OFF_PROBES, abi.PROBE_ENTRY_SIZE * len(plan.entries))
         view = after.vm_spaces.get(plan.vs)
         if view is None:
             return []
@@ -395,6 +400,7 @@ class QemuTranslation:
         self.lines = 0
         self.seconds = 0.0
         self.last_index = -self.every  # the op of the last check (the first op is checked)
+        self.refused = 0  # views the guest refused (abi.ROOT_REFUSED)
         self.last_lines = 0  # lines QEMU printed then
         # our walk, node by node, each node's lines kept while its bytes are unchanged
         self.walks = NodeLines()
@@ -402,7 +408,7 @@ class QemuTranslation:
     def carry_from(self, prev: QemuTranslation) -> None:
         """A new machine's oracle goes on counting (and re-validates the kept walks)."""
         self.checks, self.lines, self.seconds = prev.checks, prev.lines, prev.seconds
-        self.last_index, self.last_lines = prev.last_index, prev.last_lines
+        self.last_index, self.last_lines, self.refused = prev.last_index, prev.last_lines, prev.refused
         self.walks = prev.walks
 
     def ours(self, root: int, user_only: bool) -> list[TlbLine]:
@@ -434,6 +440,11 @@ class QemuTranslation:
         return root
 
     def check(self, index: int, root: int, after: State) -> list[Finding]:
+        lent = int.from_bytes(self.memory.read(self.layout.mailbox + abi.OFF_VIEW_ROOT, 8), "little")
+        if lent == abi.ROOT_REFUSED:
+            self.refused += 1  # not a root the guest can run on (abi.ROOT_REFUSED): QEMU saw none
+            self.last_index = index - self.every + 1  # try again at the next op
+            return []
         t0 = time.perf_counter()
         vs = next((v for v, view in after.vm_spaces.items() if view.root == root), None)
         user_only = self.checks % FULL_EVERY != 0

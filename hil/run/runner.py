@@ -158,6 +158,7 @@ class Runner:
             self.probes = oracles.MmuProbes(self.session.memory, self.session.layout)
             if old is not None:
                 self.probes.ops_probed, self.probes.probes_run = old.ops_probed, old.probes_run
+                self.probes.refused = old.refused
         if self.qemu_every and self.session.memory is not None and self.session.layout is not None:
             machine = self.session.machine
             assert machine is not None

@@ -65,6 +65,11 @@ PROBE_SMAP = 16
 PROBE_EXEC_OFFSET = 8
 PROBE_OK = 1  # outcome word: 1 no fault; 2 | error_code << 8 a #PF
 PROBE_FAULT = 2
+# written by the guest into OFF_PROBE_COUNT / OFF_VIEW_ROOT instead of 0 when it refused the root:
+# one whose kernel half (entries 256..511) is not the kernel root's, or outside RAM. The guest
+# would run on under that CR3 and fault with no handler mapped (a triple fault: a seeded bug
+# that hands out an in-use node as a new root did); the probes and QEMU's view are then not run.
+ROOT_REFUSED = 1
 
 # --- layout block (symbol `hil_layout`, u64 words) ------------------------------------
 LAYOUT_FIELDS = (
@@ -287,7 +292,7 @@ def render_header() -> str:
     for name in ("MAILBOX_SIZE", "NR_ARGS", "NR_RESULTS", "MESSAGE_SIZE", "FLUSH_LOG_CAP",
                  "REGISTRY_ENTRY_SIZE", "LAYOUT_SIZE", "PROBE_CAP", "PROBE_ENTRY_SIZE", "PROBE_READ",
                  "PROBE_WRITE", "PROBE_EXEC", "PROBE_TOUCH", "PROBE_SMAP", "PROBE_EXEC_OFFSET", "PROBE_OK",
-                 "PROBE_FAULT"):  # fmt: skip
+                 "PROBE_FAULT", "ROOT_REFUSED"):  # fmt: skip
         out.append(f"#define HIL_{name} {globals()[name]}")
     out.append(f"#define HIL_FLUSH_LOG_ALL {FLUSH_LOG_ALL:#x}ULL")
     out.append("")

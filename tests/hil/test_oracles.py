@@ -223,6 +223,39 @@ def test_the_guest_lends_cr3_to_the_qemu_oracle_only_while_stopped() -> None:
         session.close()
 
 
+def test_a_root_the_guest_cannot_run_on_is_refused_not_loaded() -> None:
+    """A VmSpace root whose kernel half is not the kernel's (a seeded allocator bug handed an
+    in-use node out as a root) is never put in CR3 for the probes or QEMU's view: the guest
+    would fault with no handler mapped and QEMU end (a triple fault). Refused, said so, and the
+    run goes on on the same machine."""
+    from hil.run.trace import Poke
+
+    session = Session()
+    runner = Runner(session, qemu_every=1)
+    try:
+        runner.start()
+        assert session.layout is not None
+        for _, op in scenario(session.layout.data_pool_start)[:4]:
+            runner.step(op)
+        assert runner.state is not None and runner.qemu is not None and runner.probes is not None
+        assert runner.qemu.refused == 0 and runner.qemu.checks == 3  # a sound root is lent
+        root = runner.state.vm_spaces[1].root
+        runner.step(Poke(root + 8 * 300, bytes(8)))  # one kernel-half entry of the VmSpace's root
+        boots = session.boots + session.resets
+        rec = runner.step(m.Map(cursor=1, frame=1, prop=RW))  # probed, and QEMU's view planned
+        assert rec.result is not None and rec.result.status == m.Status.OK
+        assert runner.probes.refused == 1 and runner.qemu.refused == 1
+        assert not [f for f in rec.findings if f.kind in (Kind.TLB, Kind.WALKER)], [f.describe() for f in rec.findings]
+        assert session.cr3() & ~0xFFF == session.layout.kernel_root  # not lent
+        runner.step(Poke(root + 8 * 300, session.memory.read(session.layout.kernel_root + 8 * 300, 8)))  # type: ignore[union-attr]
+        rec = runner.step(m.Query(cursor=1))
+        assert rec.result is not None and rec.result.status == m.Status.OK
+        assert runner.qemu.checks >= 1 and runner.qemu.refused == 1  # a sound root is lent again
+        assert session.boots + session.resets == boots  # the same machine all along
+    finally:
+        session.close()
+
+
 def test_hil_run_prints_the_outcome_table_and_paranoid_checks_every_op(tmp_path: Path) -> None:
     import sys
 
