@@ -163,6 +163,13 @@ class MmuProbes:
         vas = list(mapped)
         new_safe = True  # the frame the op puts at the VA (map only) holds our `ret`
         if isinstance(op, m.Map):
+            if not self.expect(view.root, lo).read:
+                # a map where nothing translates: no stale entry can exist there (an earlier
+                # forgotten flush is caught at its own op) and the memory compare sees the new
+                # PTE; unprobed, the op also runs under the kernel's CR3, not this root (a map
+                # that hands this very root out as its new node cannot pull the ground from under
+                # the guest: seeded bug 11 triple-faulted here)
+                return None
             vas = [lo]
             fpa = before.frames.get(op.frame)
             new_safe = fpa is not None and self._data_frame(fpa)
