@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hil.check import Finding, Kind
+from hil.errors import InfraError
 from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.shrink import SymbolicEvent, ddmin, run_events, symbolize
@@ -83,6 +84,7 @@ class Hunt:
     field: str = ""
     shrunk: int | None = None  # events in the shrunk reproducer
     seconds: float = 0.0
+    error: str = ""  # an infrastructure error ended the hunt (e.g. the guest triple-faulted): not caught
 
     @property
     def caught(self) -> bool:
@@ -112,6 +114,10 @@ def hunt(elf: Path, bug: int, seed: int, max_ops: int) -> tuple[Hunt, Runner]:
                 out.first_op, out.kind, out.clause, out.field = (rec.index, " + ".join(kinds),
                                                                   " + ".join(clauses), found[0].field)
                 break
+    except InfraError as exc:
+        # the table says so and the other hunts go on (a triple fault is not a catch: the
+        # checker must report the bug, not lose the machine)
+        out.error = f"op {runner.index}: {exc.what.splitlines()[0]}"
     finally:
         session.close()
     out.seconds = time.monotonic() - t0
@@ -147,8 +153,10 @@ def run(bugs: Sequence[int], seeds: Sequence[int], max_ops: int, shrink_budget: 
                               if f.kind in CAUGHT_KINDS)  # fmt: skip
                 h.shrunk = shrink_length(elf, runner, target, shrink_budget)
             out.append(h)
-            log(f"bug {bug} seed {seed}: " + (f"caught at op {h.first_op} ({h.kind} {h.clause} {h.field})"
-                                              if h.caught else f"not caught in {h.ops} ops") + f", {h.seconds:.1f} s")
+            verdict = (f"caught at op {h.first_op} ({h.kind} {h.clause} {h.field})" if h.caught
+                       else f"NOT caught: infrastructure error at {h.error}" if h.error
+                       else f"not caught in {h.ops} ops")  # fmt: skip
+            log(f"bug {bug} seed {seed}: {verdict}, {h.seconds:.1f} s")
     return out
 
 
@@ -165,9 +173,9 @@ def table(hunts: Sequence[Hunt], seeds: Sequence[int]) -> str:
             if h is None:
                 cells.append("–")
             elif bug == 0:
-                cells.append("clean" if not h.caught else f"FINDING at {h.first_op}")
+                cells.append(f"FINDING at {h.first_op}" if h.caught else "INFRA ERROR" if h.error else "clean")
             else:
-                cells.append("yes" if h.caught else "NO")
+                cells.append("yes" if h.caught else "NO (infra error)" if h.error else "NO")
         firsts = "/".join(str(hs[s].first_op) if s in hs and hs[s].caught else "–" for s in seeds)
         rows.append(f"| {bug} | {what} | " + " | ".join(cells) + f" | {firsts if bug else '–'} | "
                     f"{first.kind if first else '–'} | {first.clause if first else '–'} | "
@@ -199,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(h) for h in hunts], indent=1) + "\n")
     missed = [h for h in hunts if h.bug and not h.caught]
-    dirty = [h for h in hunts if not h.bug and h.caught]
+    dirty = [h for h in hunts if not h.bug and (h.caught or h.error)]
     return 1 if missed or dirty else 0
 
 
