@@ -720,11 +720,24 @@ class _RefAcc:
 
     paths: dict[int, dict[TreePath, int]] = field(default_factory=dict)
     count: dict[int, int] = field(default_factory=dict)
+    # indices whose inner dict this one may change in place; the others are shared with a copy
+    # (`copy`: copy-on-write, so forking 10,000 referenced slots costs two C-level dict copies)
+    owned: set[int] = field(default_factory=set)
+
+    def copy(self) -> _RefAcc:
+        self.owned = set()  # from now on both share every inner dict
+        return _RefAcc(dict(self.paths), dict(self.count))
 
     def add(self, contrib: Iterable[tuple[int, TreePath, int]], sign: int, touched: set[int]) -> None:
         for index, path, n in contrib:
             touched.add(index)
-            per = self.paths.setdefault(index, {})
+            per = self.paths.get(index)
+            if per is None:
+                per = self.paths[index] = {}
+                self.owned.add(index)
+            elif index not in self.owned:
+                per = self.paths[index] = dict(per)
+                self.owned.add(index)
             left = per.get(path, 0) + sign
             if left:
                 per[path] = left
@@ -765,7 +778,7 @@ class _Cache:
 
     def copy(self, raw_meta: bytearray | None = None) -> _Cache:
         """An unconsumed copy (its own bytes and reference sets; node decodings are immutable)."""
-        acc = _RefAcc({i: dict(p) for i, p in self.acc.paths.items()}, dict(self.acc.count))
+        acc = self.acc.copy()
         trees = {k: _Tree(t.root, t.infos, t.anomalies, t.nodes) for k, t in self.trees.items()}
         meta = bytearray(self.raw_meta) if raw_meta is None else raw_meta
         return _Cache(self.meta_base, self.slot_count, meta, bytearray(self.raw_registry),
