@@ -169,6 +169,6 @@ def test_bench_prints_every_mode_and_writes_json(tmp_path) -> None:  # type: ign
     out = tmp_path / "bench.json"
     assert bench.main(["--ops", "15", "--gdb-only-ops", "3", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert set(data["modes"]) == {"default", "no-check", "gdb-only"}
+    assert set(data["modes"]) == {"default", "no-check", "sequential", "gdb-only"}
     assert data["modes"]["default"]["ops"] == 15 and data["modes"]["default"]["ops_per_s"] > 0
     assert data["modes"]["no-check"]["us_per_op"]["check"] == 0
