@@ -20,6 +20,7 @@ from hil.run.baseline import Baseline
 from hil.run.outcomes import OutcomeCoverage
 from hil.run.session import Observation, Session
 from hil.run.trace import Event, Poke, Record, TraceWriter
+from hil.target.proc import signals_held
 from model import axioms, store, upstream
 from model import ops as m
 from model.state import State, changed_slots
@@ -283,14 +284,18 @@ class Runner:
             self.stats.check_s += t4 - t3 + seen.check_s
         findings = self.causes.link(findings, before)
         rec = Record(index, op, obs.result, findings)
-        self._record(rec)  # first: the counts below never include an op the trace lacks
-        self.stats.drive_s += seen.drive_s
-        self.stats.snapshot_s += seen.snapshot_s
-        self.stats.ops[type(op).__name__] += 1
-        self.stats.statuses[obs.result.status.name] += 1
-        for f in findings:
-            self.stats.findings[(str(f.kind), f.clause)] += 1
-            self.stats.first_seen.setdefault((str(f.kind), f.clause), index)
+        # the trace line and the counts together: a Ctrl-C / SIGTERM lands before both or after
+        # both (it raises wherever Python is; with the overlap this is where much of the time
+        # goes, and a line written but not counted made `ops_done` one short of the trace)
+        with signals_held():
+            self._record(rec)
+            self.stats.drive_s += seen.drive_s
+            self.stats.snapshot_s += seen.snapshot_s
+            self.stats.ops[type(op).__name__] += 1
+            self.stats.statuses[obs.result.status.name] += 1
+            for f in findings:
+                self.stats.findings[(str(f.kind), f.clause)] += 1
+                self.stats.first_seen.setdefault((str(f.kind), f.clause), index)
         self._pending_reboot = obs.result.status in REBOOT_STATUSES or uninterpretable is not None
         if self._pending_reboot and reboot:
             self._pending_reboot = False
