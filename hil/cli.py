@@ -23,6 +23,7 @@ from hil.run.baseline import Baseline
 from hil.run.runner import Runner
 from hil.run.session import Session
 from hil.run.trace import Record, TraceError, TraceWriter, now, read_trace, versions
+from hil.target import proc
 from hil.target.machine import DEFAULT_IMAGE, REPO, Profile
 from hil.workflows import ci as ci_workflow
 from hil.workflows import debug as debug_workflow
@@ -284,6 +285,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     if _signalled:
         return
     _signalled.append(signum)
+    if proc.deferring():
+        return  # inside a part that must not be cut (an op's trace line and counts): acted on next
     raise KeyboardInterrupt(f"signal {signum}")
 
 

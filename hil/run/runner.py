@@ -20,7 +20,7 @@ from hil.run.baseline import Baseline
 from hil.run.outcomes import OutcomeCoverage
 from hil.run.session import Observation, Session
 from hil.run.trace import Event, Poke, Record, TraceWriter
-from hil.target.proc import signals_held
+from hil.target.proc import interrupts_deferred
 from model import axioms, store, upstream
 from model import ops as m
 from model.state import State, changed_slots
@@ -287,7 +287,7 @@ class Runner:
         # the trace line and the counts together: a Ctrl-C / SIGTERM lands before both or after
         # both (it raises wherever Python is; with the overlap this is where much of the time
         # goes, and a line written but not counted made `ops_done` one short of the trace)
-        with signals_held():
+        with interrupts_deferred():
             self._record(rec)
             self.stats.drive_s += seen.drive_s
             self.stats.snapshot_s += seen.snapshot_s

@@ -39,6 +39,28 @@ def signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_deferring = 0  # nesting depth of interrupts_deferred()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A part that must not be cut by Ctrl-C / SIGTERM (an op's trace line and its counts):
+    `hil run`'s handler only notes a signal that lands here (`deferring`), and acts on it at its
+    next check between ops. Signals are also held for this thread (a handler that raises at
+    once, in a process with no other thread, then raises after the part)."""
+    global _deferring
+    _deferring += 1
+    try:
+        with signals_held():
+            yield
+    finally:
+        _deferring -= 1
+
+
+def deferring() -> bool:
+    return _deferring > 0
+
+
 def end_process(proc: subprocess.Popen[bytes], grace_s: float, ask: Callable[[], None]) -> None:
     """`ask` asks the process to exit (a signal, a quit command); after `grace_s` it is killed."""
     try:

@@ -6,6 +6,7 @@ while an op is held keeps that op in the trace; `hil run --resume` draws a disca
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,11 +169,13 @@ def Nop_values(ops: list[m.Op]) -> list[int]:  # noqa: N802 - reads as what it r
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_signal_right_after_a_trace_line_still_counts_that_op(tmp_path: Path, overlap: bool) -> None:
-    """A real SIGINT delivered while an op's trace line is being written (as `hil run`'s
-    handler raises it, asynchronously): the op is both in the trace and in the counts, so the
-    end line's `ops_done` equals the trace's records (tests/hil/test_faults.py saw 95 vs 96)."""
+    """A real SIGINT delivered while an op's trace line is being written, to `hil run`'s own
+    handler: the op is both in the trace and in the counts, so the end line's `ops_done` equals
+    the trace's records (tests/hil/test_faults.py saw 95 vs 96), and the run stops right after."""
     import os
     import signal
+
+    from hil import cli
 
     session = FakeSession(overlap)
     path = tmp_path / "t.jsonl"
@@ -186,16 +189,21 @@ def test_a_signal_right_after_a_trace_line_still_counts_that_op(tmp_path: Path, 
         if len(runner.records) == 4:  # the 5th line is written: the signal lands right now
             os.kill(os.getpid(), signal.SIGINT)
 
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
     writer.record = record  # type: ignore[method-assign]
-    old = signal.signal(signal.SIGINT, handler)
+    # another thread that does not hold the signal: the kernel hands it to that one, and Python
+    # still runs the handler in the main thread (a pytest process may have such threads)
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, args=(30,), daemon=True)
+    other.start()
+    old = signal.signal(signal.SIGINT, cli._raise_interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
-            runner.run(counting(), count=20)
+            runner.run(counting(), count=20, on_step=lambda rec: cli.check_interrupted())
     finally:
         signal.signal(signal.SIGINT, old)
+        cli._signalled.clear()
+        done.set()
+        other.join(5)
     writer.close("interrupted", ops_done=runner.stats.total_ops)
     t = read_trace(path)
     assert len(t.records) == runner.stats.total_ops == t.end["ops_done"] == 5  # type: ignore[index]
