@@ -171,7 +171,7 @@ def Nop_values(ops: list[m.Op]) -> list[int]:  # noqa: N802 - reads as what it r
 def test_a_signal_right_after_a_trace_line_still_counts_that_op(tmp_path: Path, overlap: bool) -> None:
     """A real SIGINT delivered while an op's trace line is being written, to `hil run`'s own
     handler: the op is both in the trace and in the counts, so the end line's `ops_done` equals
-    the trace's records (tests/hil/test_faults.py saw 95 vs 96), and the run stops right after."""
+    the trace's records (tests/hil/test_faults.py saw 95 vs 96), and the run stops soon after."""
     import os
     import signal
 
@@ -206,4 +206,7 @@ def test_a_signal_right_after_a_trace_line_still_counts_that_op(tmp_path: Path, 
         other.join(5)
     writer.close("interrupted", ops_done=runner.stats.total_ops)
     t = read_trace(path)
-    assert len(t.records) == runner.stats.total_ops == t.end["ops_done"] == 5  # type: ignore[index]
+    assert len(t.records) == runner.stats.total_ops == t.end["ops_done"]  # type: ignore[index]
+    # the run stops at its next check after the signal; a signal the kernel hands to the other
+    # thread reaches the main thread's handler a moment later on a loaded machine (an op or so)
+    assert 5 <= len(t.records) < 20
