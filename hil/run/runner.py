@@ -297,9 +297,8 @@ class Runner:
                 self.stats.findings[(str(f.kind), f.clause)] += 1
                 self.stats.first_seen.setdefault((str(f.kind), f.clause), index)
         self._pending_reboot = obs.result.status in REBOOT_STATUSES or uninterpretable is not None
-        if self._pending_reboot and reboot:
-            self._pending_reboot = False
-            self._reboot()
+        if reboot:
+            self.reboot_if_pending()
         return rec
 
     def _record(self, rec: Record) -> None:
@@ -377,8 +376,7 @@ class Runner:
                             if stop:
                                 stopped = True
                                 break
-                            self._pending_reboot = False
-                            self._reboot()
+                            self.reboot_if_pending()
                             if source is not None:
                                 redo = event
                             continue
