@@ -1,9 +1,11 @@
 """One booted guest: boot, apply(op) -> Observation, snapshot() -> State, reset().
 
-Drive: the guest stops at the breakpoint on `hil_op_done` after publishing each response;
-we write the next request into the mailbox (through the memory reader: the shared RAM file,
-or the stub in physical mode), resume past the 1-byte `nop`, and wait for the next stop with a
-deadline. Every process we start is ended by PID on every exit path (`close`).
+Drive: the guest stops in `hil_op_done` after publishing each response (our stub under TCG:
+a write watchpoint on `hil_doorbell`, the stop after the write; gdb/MI and KVM: a breakpoint
+on `hil_op_done`, resumed past its 1-byte `nop`; guest/hil/op_done.S says why); we write the
+next request into the mailbox (through the memory reader: the shared RAM file, or the stub in
+physical mode), resume, and wait for the next stop with a deadline. Every process we start
+is ended by PID on every exit path (`close`).
 
 The debugger on the hot path is `hil.target.stub.Stub` (one remote-protocol exchange per op);
 `driver="gdb"` uses gdb/MI instead (both are `Target`s). Under KVM the breakpoint is a
@@ -103,6 +105,14 @@ class Session:
             raise ValueError(f"driver must be one of {DRIVERS}, not {self.driver!r}")
         self.elf = GuestElf(self.image)
         self._op_done = self.elf.symbol("hil_op_done")
+        # where an op's stop comes (guest/hil/op_done.S): our stub under TCG watches the write
+        # to hil_doorbell (QEMU keeps its translated code then; a breakpoint stop flushes it all)
+        # and the guest stops after it, at hil_op_done_rung; gdb/MI and KVM keep the breakpoint
+        # on hil_op_done (so does an image built before the doorbell)
+        doorbell, rung = self.elf.symbols.get("hil_doorbell"), self.elf.symbols.get("hil_op_done_rung")
+        watch = doorbell and rung and self.driver == "stub" and self.profile.accel == "tcg"
+        self._doorbell = doorbell[0] if watch and doorbell else None
+        self._stop_pc = rung[0] if watch and rung else self._op_done
         self._layout_paddr = self.elf.vaddr_to_paddr(self.elf.symbol("hil_layout"))
         # the reset point (the READY stop, or mark_reset_point): registers, kernel .data/.bss,
         # the pool's nodes then, the State (its cache never consumed: forked before each use)
@@ -159,7 +169,11 @@ class Session:
                 self.gdb = stub
                 machine.start()
                 stub.connect(machine.gdb_socket)
-            self.gdb.insert_breakpoint(self._op_done, hardware=self.profile.accel == "kvm")
+            if self._doorbell is not None:
+                assert isinstance(self.gdb, Stub)
+                self.gdb.insert_watchpoint(self._doorbell, 8)
+            else:
+                self.gdb.insert_breakpoint(self._op_done, hardware=self.profile.accel == "kvm")
             if self.shared_ram:
                 self.memory = SharedRamMemory(machine.shm_path, machine.ram_size)
             else:
@@ -365,14 +379,19 @@ class Session:
     def _wait_op_done(self, deadline_s: float, what: str) -> None:
         assert self.gdb is not None
         stop = self.gdb.wait_stop(deadline_s)
-        if stop.pc == 0 and isinstance(self.gdb, Stub) and stop.reason == "breakpoint-hit":
-            return  # a SIGTRAP after a resume: our only breakpoint (the seq echo is checked too)
-        if stop.pc == 0 and isinstance(self.gdb, Stub) and self.gdb.alive():
-            stop = type(stop)(stop.reason, self.gdb.stop_pc(), stop.raw)
-        if stop.pc != self._op_done:
+        if stop.pc == 0 and isinstance(self.gdb, Stub):
+            if self._doorbell is None and stop.reason == "breakpoint-hit":
+                return  # a SIGTRAP after a resume: our only breakpoint (the seq echo is checked too)
+            rang = stop.reason == "watchpoint-hit" and stop.raw.get("watch") == self._doorbell
+            if self._doorbell is not None and rang:
+                return  # our only watchpoint: the guest rang after publishing its response
+            if self.gdb.alive():
+                stop = type(stop)(stop.reason, self.gdb.stop_pc(), stop.raw)
+        if stop.pc != self._stop_pc:
+            where = "hil_op_done_rung" if self._doorbell is not None else "hil_op_done"
             raise self._infra(
                 f"{what}: the guest stopped at {stop.pc:#x} ({stop.reason or 'no reason'}), "
-                f"not at hil_op_done {self._op_done:#x}"
+                f"not at {where} {self._stop_pc:#x}"
             )
 
     def _read_layout(self) -> abi.Layout:
@@ -424,9 +443,12 @@ class Session:
             raise self._infra("QEMU is not running")
         self._untouched = False
         self._ops_since_snapshot += 1
-        # one write: the guest is stopped at hil_op_done and reads the request only once resumed
+        # one write: the guest is stopped at hil_op_done(_rung) and reads the request only once resumed
         self.memory.write(self.layout.mailbox, request)
-        self.gdb.jump(self._op_done + 1)
+        if self._doorbell is not None:
+            self.gdb.resume()  # after the doorbell's write: on to hil_op_done's `ret`
+        else:
+            self.gdb.jump(self._op_done + 1)
 
     def _await_response(self, seq: int, deadline_s: float) -> abi.Response:
         self._wait_op_done(deadline_s, f"request seq {seq}")

@@ -3,10 +3,11 @@
 The single source of truth: `scripts/gen-abi` renders `guest/include/hil_abi.h` from this
 module (`render_header`), and a test fails when the committed header is stale.
 
-Protocol (gdb drive): the guest publishes a response, then calls `hil_op_done` (an asm
-`nop; ret`) where the harness's breakpoint stops it. The harness writes the next request
-(args, op, then seq last), resumes past the breakpoint, and the guest executes the request
-once it sees `req_seq != resp_seq`. At boot the guest publishes status READY with seq 0.
+Protocol (gdb drive): the guest publishes a response, then calls `hil_op_done` (asm: `nop`,
+a write to `hil_doorbell`, `ret`) where the harness stops it: a write watchpoint on the
+doorbell (our stub under TCG) or a breakpoint on the `nop` (gdb/MI, KVM; docs/abi.md). The
+harness writes the next request (args, op, then seq last), resumes, and the guest executes the
+request once it sees `req_seq != resp_seq`. At boot the guest publishes status READY with seq 0.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """A small client of QEMU's gdb stub speaking the remote serial protocol: the hot path.
 
-One checked op is one exchange: `c<addr>` (resume past hil_op_done's `nop`) and the stop
-reply, ~0.35-0.45 ms, against 5 packets (~1.0-1.4 ms) through gdb/MI (NOTES "gdb and QEMU's
-gdb stub"). Interactive debugging keeps using real gdb (`hil.target.gdb`); both implement
-`Target`, the part of a debugger the Session calls, so they are interchangeable.
+One checked op is one exchange: `c` and the stop reply (a write watchpoint on the guest's
+hil_doorbell under TCG: guest/hil/op_done.S says why not a breakpoint), against 5 packets
+(~1.0-1.4 ms) through gdb/MI (NOTES "gdb and QEMU's gdb stub"). Interactive debugging keeps
+using real gdb (`hil.target.gdb`); both implement `Target`, the part of a debugger the Session
+calls, so they are interchangeable.
 
 Wire facts of QEMU 7.2 this relies on: no no-ack mode, but in system emulation the stub does
 not wait for our `+` (it ignores it in its idle state), so we send acks lazily in front of the
 next packet; `m` / `M` carry at most MAX_PACKET_LENGTH/2 = 2 KiB; register numbers are the
 64-bit layout (rip 16, cr3 29); a stop is `T05thread:...;` (no PC: a SIGTRAP stop after a
 resume at our only breakpoint is that breakpoint; `stop_pc()` reads it when a caller wants to
-be sure). The stub runs one CPU.
+be sure), `T05thread:...;watch:ADDR;` at a write watchpoint (after the write). The stub runs
+one CPU.
 
 States: STOPPED (memory, registers, resume allowed), RUNNING (only `wait_stop`,
 `interrupt`), CLOSED (nothing). A call in the wrong state raises `StubStateError` and
@@ -166,6 +168,7 @@ class Stub:
         self.exchanges = 0  # packets sent (bench / tests)
         self._phys: bool | None = None
         self._breakpoints: set[tuple[int, bool]] = set()
+        self._watchpoints: set[tuple[int, int]] = set()
 
     # --- plumbing -----------------------------------------------------------------------
     def infra(self, what: str) -> InfraError:
@@ -259,8 +262,17 @@ class Stub:
     def _parse_stop(reply: bytes) -> Stop:
         if reply[:1] in (b"T", b"S") and len(reply) >= 3:
             sig = int(reply[1:3], 16)
+            raw: dict[str, Any] = {"reply": reply.decode("ascii", "replace")}
             reason = "breakpoint-hit" if sig == SIGTRAP else f"signal-{sig}"
-            return Stop(reason, 0, {"reply": reply.decode("ascii", "replace")})
+            for field in reply[3:].split(b";"):
+                key, _, value = field.partition(b":")
+                if sig == SIGTRAP and key in (b"watch", b"rwatch", b"awatch"):
+                    try:
+                        raw["watch"] = int(value, 16)
+                    except ValueError:
+                        raise StubError(f"bad watchpoint address in stop reply {reply[:60]!r}") from None
+                    reason = "watchpoint-hit"
+            return Stop(reason, 0, raw)
         if reply[:1] in (b"W", b"X"):
             return Stop("exited", 0, {"reply": reply.decode("ascii", "replace")})
         raise StubError(f"not a stop reply: {reply[:60]!r}")
@@ -279,11 +291,23 @@ class Stub:
         self._ok(b"z%d,%x,1" % (1 if hardware else 0, address))
         self._breakpoints.discard((address, hardware))
 
+    def insert_watchpoint(self, address: int, size: int) -> None:
+        """`Z2`: stop after a write to [address, address + size) (a virtual address). QEMU
+        reports it as `watch:ADDR` and, unlike a breakpoint stop, keeps its translated code."""
+        self._ok(b"Z2,%x,%x" % (address, size))
+        self._watchpoints.add((address, size))
+
+    def remove_watchpoint(self, address: int, size: int) -> None:
+        self._ok(b"z2,%x,%x" % (address, size))
+        self._watchpoints.discard((address, size))
+
     def disconnect(self) -> None:
         """Leave the stub to another debugger with the guest stopped where it is: remove our
         breakpoints, back to virtual addressing, drop the connection (a `D` would resume)."""
         for address, hardware in sorted(self._breakpoints):
             self.remove_breakpoint(address, hardware=hardware)
+        for address, size in sorted(self._watchpoints):
+            self.remove_watchpoint(address, size)
         if self._phys:
             self.set_physical_mode(False)
         self.close()

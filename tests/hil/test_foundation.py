@@ -3,6 +3,7 @@ against QEMU's own view, CPU exceptions reported (never a hang)."""
 
 from __future__ import annotations
 
+import re
 import struct
 
 from hil.observe.snapshot import (
@@ -52,6 +53,28 @@ def test_boot_reaches_op_loop_and_layout_is_sane(session: Session) -> None:
     assert rc == 1 and vt == Usage.META
     free_slot = lay.meta_base + 64 * (lay.data_pool_start // 4096)
     assert struct.unpack("<Q", mem.read(free_slot + 40, 8))[0] == REF_COUNT_UNUSED
+
+
+def _tb_flushes(s: Session) -> int:
+    assert s.machine is not None
+    found = re.search(r"TB flush count\s+(\d+)", s.machine.hmp("info jit"))
+    assert found, "no TB flush count in QEMU's `info jit`"
+    return int(found.group(1))
+
+
+def test_each_op_stops_at_the_doorbell_and_qemu_keeps_its_translated_code(session: Session) -> None:
+    """The drive's stop is the write watchpoint on hil_doorbell (guest/hil/op_done.S): one ring
+    per op, the guest stopped right after it, and no TB flush (a breakpoint stop flushes every
+    translated block in QEMU 7.2, and the next op ran retranslated)."""
+    assert session.memory is not None and session.stub is not None
+    doorbell = session.elf.vaddr_to_paddr(session.elf.symbol("hil_doorbell"))
+    rings = struct.unpack("<Q", session.memory.read(doorbell, 8))[0]
+    flushes = _tb_flushes(session)
+    for value in range(5):
+        session.apply(m.Nop(value=value))
+    assert struct.unpack("<Q", session.memory.read(doorbell, 8))[0] == rings + 5
+    assert session.stub.stop_pc() == session.elf.symbol("hil_op_done_rung")
+    assert _tb_flushes(session) == flushes
 
 
 def test_kernel_root_upper_half_points_at_level3_nodes(session: Session) -> None:

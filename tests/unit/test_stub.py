@@ -233,3 +233,55 @@ def test_disconnect_leaves_the_guest_stopped_for_another_debugger(fake: Callable
         time.sleep(0.01)
     assert seen[4:] == [b"z0,1000,1", b"z1,2000,1", b"Qqemu.PhyMemMode:0"]
     assert b"D" not in seen
+
+
+def test_a_watchpoint_stop_names_its_address(fake: Callable[[Handler], Path]) -> None:
+    """`Z2` in, `watch:ADDR` out (the drive under TCG, guest/hil/op_done.S); a plain SIGTRAP stays
+    a breakpoint hit, and a malformed address is a stub error, not a guess."""
+    replies = [b"T05thread:01;watch:ffffffff8010c000;", b"T05thread:01;", b"T05thread:01;watch:zz;"]
+    seen: list[bytes] = []
+
+    def handler(pkt: bytes) -> list[bytes]:
+        seen.append(pkt)
+        if pkt == b"?":
+            return [b"T05thread:01;"]
+        if pkt[:1] in (b"Z", b"z", b"Q"):
+            return [b"OK"]
+        if pkt == b"c":
+            return [replies.pop(0)]
+        return [b""]
+
+    stub = Stub()
+    stub.connect(fake(handler), timeout_s=5)
+    try:
+        stub.insert_watchpoint(0xFFFFFFFF8010C000, 8)
+        assert seen[-1] == b"Z2,ffffffff8010c000,8"
+        stub.resume()
+        stop = stub.wait_stop(5)
+        assert (stop.reason, stop.raw["watch"]) == ("watchpoint-hit", 0xFFFFFFFF8010C000)
+        stub.resume()
+        stop = stub.wait_stop(5)
+        assert stop.reason == "breakpoint-hit" and "watch" not in stop.raw
+        stub.resume()
+        with pytest.raises(StubError, match="bad watchpoint address"):
+            stub.wait_stop(5)
+    finally:
+        stub.close()
+
+
+def test_disconnect_removes_our_watchpoint_too(fake: Callable[[Handler], Path]) -> None:
+    seen: list[bytes] = []
+    handle = qemu_like(bytearray(4096))
+
+    def handler(pkt: bytes) -> list[bytes]:
+        seen.append(pkt)
+        return handle(pkt)
+
+    stub = Stub()
+    stub.connect(fake(handler), timeout_s=5)
+    stub.insert_watchpoint(0x3000, 8)
+    stub.disconnect()
+    deadline = time.monotonic() + 5 * timeout_scale()
+    while b"z2,3000,8" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b"z2,3000,8" in seen and b"D" not in seen
