@@ -5,9 +5,10 @@ cache policy, clones dropped, error paths — and the same seed gives the same o
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
-from hil.run.workload import Workload, WorkloadConfig
+from hil.run.workload import MappedFrames, Workload, WorkloadConfig, _nth_of_merge
 from hil.target import abi
 from model import ops as m
 from model import store
@@ -97,3 +98,33 @@ def test_default_workload_reaches_every_outcome_row_within_3000_ops() -> None:
             cov.record(op, state, after, res)
             state = store.initial_state(registry_capacity=2048) if res.status == m.Status.PANIC else after
         assert not cov.missing(), (seed, cov.missing())
+
+
+def test_mapped_frames_follow_the_views_as_a_full_union_would() -> None:
+    """The incremental index of mapped frames (hil/run/workload.py MappedFrames) equals the
+    union of every view's mapped_paddrs after each op of a model-driven run, and the
+    FrameFromInUse draw picks from exactly sorted(handles | mapped | kernel root)."""
+    state = store.initial_state(registry_capacity=2048)
+    lay = _layout(state)
+    wl = Workload(7, lay, WorkloadConfig())
+    index = MappedFrames()
+    checked = 0
+    for _ in range(1500):
+        op = wl(state)
+        pool = store.PoolAllocator(lay.pt_pool_start, lay.pt_pool_end, state)
+        res, after = store.apply(state, op, pool)
+        state = store.initial_state(registry_capacity=2048) if res.status == m.Status.PANIC else after
+        want = sorted(frozenset().union(*(v.mapped_paddrs() for v in state.vm_spaces.values())))
+        assert index.update(state.vm_spaces.values()) == want
+        checked += bool(want)
+    assert checked > 500  # most states map something
+
+
+def test_nth_of_a_merge_is_the_merged_lists_nth() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        pool = rng.sample(range(1000), rng.randrange(1, 60))
+        cut = rng.randrange(len(pool) + 1)
+        big, small = sorted(pool[:cut]), sorted(pool[cut:])
+        merged = sorted(pool)
+        assert [_nth_of_merge(big, small, n) for n in range(len(merged))] == merged
