@@ -213,17 +213,21 @@ def _entries_sound(
 
 
 def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, set[int] | None]) -> list[Violation]:
-    """Every entry of `node` checked (clause ""), reusing the node's last result when it cannot
-    differ: a node's result is a function of its own entries (the node object: immutable), the
-    Slot objects of its targets, whether each target is parked (RAM size, unparked roots). The
-    last result is kept on the node with the slot table, unparked roots and RAM size it was
-    computed against; the targets whose result may differ are the slots whose objects the two
-    tables do not share (`slot_diff`, memoised per call in `diffs`) and the roots parked in one
-    and not the other. Anything not cheap to tell is evaluated again."""
+    """Every entry of `node` checked (clause ""), reusing the node's last result where it cannot
+    differ: an entry's result is a function of the entry (the node object: immutable), the Slot
+    object of its target and whether that target is parked (RAM size, unparked roots). The last
+    result is kept on the node, per entry, with the slot table, unparked roots and RAM size it
+    was computed against; the targets whose result may differ are the slots whose objects the
+    two tables do not share (`slot_diff`, memoised per call in `diffs`) and the roots parked in
+    one and not the other, and only their entries are checked again (a handle taken on one of a
+    full node's 512 frames re-checks one entry, not 512). Anything not cheap to tell is
+    evaluated again whole."""
     roots = unparked(state)
     slots = state.slots
+    present = node.present
     last = node.__dict__.get("_sound")
-    found: list[Violation] | None = None
+    per: dict[int, list[Violation]] | None = None
+    found: list[Violation] = []
     if last is not None and last[2] == state.nr_slots:
         old = last[0]
         d: set[int] | frozenset[int] | None
@@ -238,12 +242,28 @@ def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, se
             if last[1] != roots:
                 d = d | (last[1] ^ roots)
             by_target = node.by_target
-            hit = any(t in by_target for t in d) if len(d) <= len(by_target) else any(t in d for t in by_target)
-            if not hit:
-                found = last[3]
-    if found is None:
-        found = _entries_sound(state, "", node, node.present)
-    node.__dict__["_sound"] = (slots, roots, state.nr_slots, found)
+            if len(d) <= len(by_target):
+                redo = [j for t in d for j in by_target.get(t, ())]
+            else:
+                redo = [j for t, js in by_target.items() if t in d for j in js]
+            per, found = last[4], last[3]
+            if redo:
+                per = dict(per)
+                for j in redo:
+                    bad = _entries_sound(state, "", node, (present[j],))
+                    if bad:
+                        per[j] = bad
+                    else:
+                        per.pop(j, None)
+                found = [v for j in sorted(per) for v in per[j]]
+    if per is None:
+        per = {}
+        for j, entry in enumerate(present):
+            bad = _entries_sound(state, "", node, (entry,))
+            if bad:
+                per[j] = bad
+        found = [v for j in sorted(per) for v in per[j]]
+    node.__dict__["_sound"] = (slots, roots, state.nr_slots, found, per)
     return found
 
 
