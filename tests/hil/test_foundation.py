@@ -4,7 +4,10 @@ against QEMU's own view, CPU exceptions reported (never a hang)."""
 from __future__ import annotations
 
 import re
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 from hil.observe.snapshot import (
     compare_info_mem,
@@ -14,7 +17,7 @@ from hil.observe.snapshot import (
     qemu_view,
     walk_tree,
 )
-from hil.run.session import Session
+from hil.run.session import DEFAULT_IMAGE, Session
 from hil.target import abi
 from hil.target.memory import GdbPhysMemory
 from model import ops as m
@@ -75,6 +78,27 @@ def test_each_op_stops_at_the_doorbell_and_qemu_keeps_its_translated_code(sessio
     assert struct.unpack("<Q", session.memory.read(doorbell, 8))[0] == rings + 5
     assert session.stub.stop_pc() == session.elf.symbol("hil_op_done_rung")
     assert _tb_flushes(session) == flushes
+
+
+def test_an_image_without_the_doorbell_is_driven_with_the_breakpoint(tmp_path: Path) -> None:
+    """An image built before hil_doorbell (stripped here) still runs: the stub stops on the
+    breakpoint at hil_op_done, resumes past its nop, and a fast reset comes back to it."""
+    stripped = tmp_path / "kernel.elf"
+    subprocess.run(["objcopy", "--strip-symbol=hil_doorbell", "--strip-symbol=hil_op_done_rung",
+                    str(DEFAULT_IMAGE), str(stripped)], check=True)  # fmt: skip
+    shutil.copy(DEFAULT_IMAGE.with_suffix(".bin"), tmp_path / "kernel.bin")
+    s = Session(image=stripped)
+    s.boot()
+    try:
+        assert s.stub is not None and s.stub.stop_pc() == s.elf.symbol("hil_op_done")
+        for value in range(3):
+            assert s.apply(m.Nop(value=value)).result == m.OpResult.ok(value=value)
+        assert s.apply(m.RaiseFault(kind=0)).result.status == m.Status.EXCEPTION
+        s.reset()
+        assert s.resets == 1 and s.apply(m.Nop(value=7)).result == m.OpResult.ok(value=7)
+        assert s.stub.stop_pc() == s.elf.symbol("hil_op_done")
+    finally:
+        s.close()
 
 
 def test_kernel_root_upper_half_points_at_level3_nodes(session: Session) -> None:
