@@ -5,6 +5,10 @@
  * a watchpoint's), and retranslating the guest's code after each op cost ~130 us of a ~270 us
  * round trip, plus ~100-250 us more for an op with MMU probes (their own code paths). The
  * stop comes after the write, at hil_op_done_rung; a plain continue goes on from there.
+ * Translated code now outlives an op, and the harness's writes through the shared RAM file
+ * bypass QEMU's self-modifying-code checks: it never writes other bytes where code ran (a fast
+ * reset writes the kernel image's own bytes back; the exec probe's `ret` is only ever
+ * rewritten as the same `ret`). The TLB is unaffected: a TB flush never touched it.
  *
  * hil_op_done: gdb (hil debug, the gdb/MI drive) and KVM stop on a breakpoint here; the 1-byte
  * nop lets them resume at hil_op_done + 1 without a step-over. */
