@@ -132,15 +132,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if baseline is not None:
         header["baseline"] = str(baseline.path)
     resume_line = {"from_index": point.done, "started": now()} if point is not None else None
-    writer = TraceWriter(trace_path, header, resume=resume_line)
-    runner = Runner(session, writer, stop_on_finding=args.stop_on_finding or False, baseline=baseline,
+    runner = Runner(session, None, stop_on_finding=args.stop_on_finding or False, baseline=baseline,
                     qemu_every=1 if args.paranoid else None)  # fmt: skip
     status = "interrupted"
     error: dict[str, str] = {}
     findings_total = 0
     boot_findings: list = []
     t_last = 0.0
+    writer: TraceWriter | None = None
     try:
+        # a trace with a header ends with an end line: a signal while the header is written is
+        # acted on just below, inside this try, whose finally writes the end line (one landing
+        # between the header and the try left a trace without one: suite-rounds round 2)
+        with proc.interrupts_deferred():
+            writer = TraceWriter(trace_path, header, resume=resume_line)
+            runner.writer = writer
+        check_interrupted()
         boot_findings = runner.start()
         findings_total += len(boot_findings)
         for f in boot_findings:
@@ -181,8 +188,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\ninterrupted", file=sys.stderr)
     except InfraError as exc:
         print(f"\ninfrastructure error (not a finding):\n{exc.describe()}", file=sys.stderr)
-        writer.close("infra-error", error=str(exc.what))
-        session.close()
+        with proc.interrupts_deferred():
+            if writer is not None:
+                writer.close("infra-error", error=str(exc.what))
+            session.close()
         print(f"trace (complete up to the last finished op): {trace_path}", file=sys.stderr)
         return EXIT_INFRA
     except Exception as exc:
@@ -191,10 +200,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ntrace (complete up to the last finished op): {trace_path}", file=sys.stderr)
         raise
     finally:
-        session.close()
-        # a resumed run stopped while re-running the trace's ops still has all of them in it
-        ops_done = max(runner.stats.total_ops, point.done if point is not None else 0)
-        writer.close(status, finished=now(), ops_done=ops_done, **error)
+        with proc.interrupts_deferred():  # nor may a first signal here cut the end line
+            session.close()
+            # a resumed run stopped while re-running the trace's ops still has all of them in it
+            ops_done = max(runner.stats.total_ops, point.done if point is not None else 0)
+            if writer is not None:
+                writer.close(status, finished=now(), ops_done=ops_done, **error)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(summary(runner, trace_path, len(boot_findings)))

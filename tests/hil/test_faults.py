@@ -401,6 +401,40 @@ def test_signal_at_random_moments_ends_the_run_cleanly(tmp_path: Path, sig: sign
         assert t.end is not None and t.end["status"] == "interrupted" and t.end["ops_done"] == len(t.records)
 
 
+@pytest.mark.parametrize("where", ["header", "end"])
+def test_a_signal_while_the_trace_header_or_end_is_written_still_ends_the_trace(tmp_path: Path, where: str) -> None:
+    """The header and the end line come as a pair: SIGINT right after the header is written
+    (before the run's try; suite-rounds once hit that window) or while the end line of a complete
+    run is written, and the trace still ends, with its true status."""
+    tag = new_tag()
+    trace = tmp_path / "t.jsonl"
+    code = (
+        "import os, signal, sys, hil.run.trace as t\n"
+        "real_init, real_close = t.TraceWriter.__init__, t.TraceWriter.close\n"
+        "def init(self, *a, **k):\n"
+        "    real_init(self, *a, **k)\n"
+        f"    if {where == 'header'}: os.kill(os.getpid(), signal.SIGINT)\n"
+        "def close(self, *a, **k):\n"
+        f"    if {where == 'end'}: os.kill(os.getpid(), signal.SIGINT)\n"
+        "    real_close(self, *a, **k)\n"
+        "t.TraceWriter.__init__, t.TraceWriter.close = init, close\n"
+        "import hil.cli\n"
+        f"sys.exit(hil.cli.main(['run', '--ops', '5', '--show', 'none', '--trace', {str(trace)!r}]))\n"
+    )
+    with census(tag):
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_for(tag), capture_output=True,
+                           text=True, timeout=120 * timeout_scale())  # fmt: skip
+    assert "Traceback" not in p.stderr, p.stderr
+    t = read_trace(trace)
+    assert t.end is not None, "the trace has no end line"
+    if where == "header":  # acted on before the guest booted
+        assert p.returncode == 130, p.stderr
+        assert t.end["status"] == "interrupted" and t.end["ops_done"] == 0 and not t.records
+    else:  # the run had finished: its end line and its exit status say so (1: findings, 0: none)
+        assert p.returncode in (0, 1), p.stderr
+        assert t.end["status"] == "complete" and t.end["ops_done"] == len(t.records) == 5
+
+
 def test_any_exception_inside_the_harness_is_exit_2_with_the_trace_kept(tmp_path: Path) -> None:
     tag = new_tag()
     trace = tmp_path / "t.jsonl"
