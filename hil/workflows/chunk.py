@@ -326,6 +326,7 @@ def _child(spec: ChunkSpec, trace_path: Path) -> int:
     from hil.run.trace import TraceWriter, now, versions
     from hil.run.workload import Workload, WorkloadConfig
     from hil.target.machine import Profile
+    from hil.target.proc import signals_held
     from model.state import State
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -340,10 +341,14 @@ def _child(spec: ChunkSpec, trace_path: Path) -> int:
         "guest_build_id": session.elf.build_id, "image": spec.image, "profile": spec.profile, "seed": spec.seed,
         "ops": spec.ops, "chunk": spec.chunk_id, "attempt": spec.attempt, "versions": versions(), "started": now(),
     }  # fmt: skip
-    writer = TraceWriter(trace_path, header)
-    runner = Runner(session, writer)
+    runner = Runner(session, None)
     status, stopped_by, error, code = "interrupted", "stop", "", 130
+    writer: TraceWriter | None = None
     try:
+        # held while the header is written: a signal then is raised here, inside the try whose
+        # finally writes the end line (hil run met a trace without one: hil/cli.py cmd_run)
+        with signals_held():
+            writer = runner.writer = TraceWriter(trace_path, header)
         boot = runner.start()
         writer.note("booted", findings=[f.to_json() for f in boot])
         assert session.layout is not None
@@ -368,11 +373,12 @@ def _child(spec: ChunkSpec, trace_path: Path) -> int:
     finally:
         session.close()
         cov = runner.coverage
-        writer.close(
-            status, finished=now(), ops_done=runner.stats.total_ops, stopped_by=stopped_by, error=error,
-            reboots=runner.stats.reboots, infra_retries=runner.stats.infra_retries,
-            coverage={"evaluated": cov.evaluated, "exercised": cov.exercised, "violated": cov.violated},
-        )  # fmt: skip
+        if writer is not None:
+            writer.close(
+                status, finished=now(), ops_done=runner.stats.total_ops, stopped_by=stopped_by, error=error,
+                reboots=runner.stats.reboots, infra_retries=runner.stats.infra_retries,
+                coverage={"evaluated": cov.evaluated, "exercised": cov.exercised, "violated": cov.violated},
+            )  # fmt: skip
     return code
 
 
