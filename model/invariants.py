@@ -226,7 +226,8 @@ def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, se
     slots = state.slots
     present = node.present
     last = node.__dict__.get("_sound")
-    per: dict[int, list[Violation]] | None = None
+    per: dict[int, list[Violation]] = {}  # by default: nothing kept, every entry checked
+    redo: Iterable[int] = range(len(present))
     found: list[Violation] = []
     if last is not None and last[2] == state.nr_slots:
         old = last[0]
@@ -247,21 +248,14 @@ def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, se
             else:
                 redo = [j for t, js in by_target.items() if t in d for j in js]
             per, found = last[4], last[3]
-            if redo:
-                per = dict(per)
-                for j in redo:
-                    bad = _entries_sound(state, "", node, (present[j],))
-                    if bad:
-                        per[j] = bad
-                    else:
-                        per.pop(j, None)
-                found = [v for j in sorted(per) for v in per[j]]
-    if per is None:
-        per = {}
-        for j, entry in enumerate(present):
-            bad = _entries_sound(state, "", node, (entry,))
+    if redo:
+        per = dict(per)
+        for j in redo:
+            bad = _entries_sound(state, "", node, (present[j],))
             if bad:
                 per[j] = bad
+            else:
+                per.pop(j, None)
         found = [v for j in sorted(per) for v in per[j]]
     node.__dict__["_sound"] = (slots, roots, state.nr_slots, found, per)
     return found

@@ -401,6 +401,15 @@ def test_signal_at_random_moments_ends_the_run_cleanly(tmp_path: Path, sig: sign
         assert t.end is not None and t.end["status"] == "interrupted" and t.end["ops_done"] == len(t.records)
 
 
+def run_patched(tag: str, patch: str, trace: Path, ops: int) -> subprocess.CompletedProcess[str]:
+    """`hil run` in a Python that first runs `patch` (a fault planted in the harness)."""
+    code = patch + ("import sys, hil.cli\n"
+                    f"sys.exit(hil.cli.main(['run', '--ops', '{ops}', '--show', 'none', '--trace', {str(trace)!r}]))\n")
+    with census(tag):
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_for(tag), capture_output=True,
+                              text=True, timeout=120 * timeout_scale())  # fmt: skip
+
+
 @pytest.mark.parametrize("where", ["header", "end"])
 def test_a_signal_while_the_trace_header_or_end_is_written_still_ends_the_trace(tmp_path: Path, where: str) -> None:
     """The header and the end line come as a pair: SIGINT right after the header is written
@@ -408,8 +417,8 @@ def test_a_signal_while_the_trace_header_or_end_is_written_still_ends_the_trace(
     run is written, and the trace still ends, with its true status."""
     tag = new_tag()
     trace = tmp_path / "t.jsonl"
-    code = (
-        "import os, signal, sys, hil.run.trace as t\n"
+    patch = (
+        "import os, signal, hil.run.trace as t\n"
         "real_init, real_close = t.TraceWriter.__init__, t.TraceWriter.close\n"
         "def init(self, *a, **k):\n"
         "    real_init(self, *a, **k)\n"
@@ -418,12 +427,8 @@ def test_a_signal_while_the_trace_header_or_end_is_written_still_ends_the_trace(
         f"    if {where == 'end'}: os.kill(os.getpid(), signal.SIGINT)\n"
         "    real_close(self, *a, **k)\n"
         "t.TraceWriter.__init__, t.TraceWriter.close = init, close\n"
-        "import hil.cli\n"
-        f"sys.exit(hil.cli.main(['run', '--ops', '5', '--show', 'none', '--trace', {str(trace)!r}]))\n"
     )
-    with census(tag):
-        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_for(tag), capture_output=True,
-                           text=True, timeout=120 * timeout_scale())  # fmt: skip
+    p = run_patched(tag, patch, trace, 5)
     assert "Traceback" not in p.stderr, p.stderr
     t = read_trace(trace)
     assert t.end is not None, "the trace has no end line"
@@ -438,21 +443,17 @@ def test_a_signal_while_the_trace_header_or_end_is_written_still_ends_the_trace(
 def test_any_exception_inside_the_harness_is_exit_2_with_the_trace_kept(tmp_path: Path) -> None:
     tag = new_tag()
     trace = tmp_path / "t.jsonl"
-    code = (
+    patch = (
         # the workload is harness code outside the checks (whose own exceptions are findings)
-        "import sys, hil.run.workload as w\n"
+        "import hil.run.workload as w\n"
         "real, n = w.Workload.__call__, [0]\n"
         "def call(self, state):\n"
         "    n[0] += 1\n"
         "    if n[0] == 11: raise RuntimeError('injected harness bug')\n"
         "    return real(self, state)\n"
         "w.Workload.__call__ = call\n"
-        "import hil.cli\n"
-        f"sys.exit(hil.cli.main(['run', '--ops', '50', '--show', 'none', '--trace', {str(trace)!r}]))\n"
     )
-    with census(tag):
-        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_for(tag), capture_output=True,
-                           text=True, timeout=120 * timeout_scale())  # fmt: skip
+    p = run_patched(tag, patch, trace, 50)
     assert p.returncode == 2, p.stderr
     assert "internal error (not a finding): RuntimeError: injected harness bug" in p.stderr
     assert "Traceback" not in p.stderr and str(trace) in p.stderr
