@@ -43,6 +43,8 @@ from model.types import (
     NR_ENTRIES,
     NR_LEVELS,
     PAGE_SIZE,
+    PTE_HUGE,
+    PTE_P,
     REF_COUNT_MAX,
     REF_COUNT_UNIQUE,
     REF_COUNT_UNUSED,
@@ -417,13 +419,29 @@ class _Cursor:
             self.c.level += 1
         self.c.va = nxt
 
+    def skip_absent(self, entries: tuple[int, ...], end: int) -> None:
+        """`move_forward` from the absent entry at va, repeated while the entry reached is absent,
+        in this node and below `end`: what find_next_impl's loop does one entry at a time (each
+        step a walk from the root: a sparse 512-entry node cost ~1 ms of the checked run's model).
+        The steps before the last stay inside the node, so only the last can pop a level."""
+        level = self.c.level
+        size = page_size(level)
+        start = align_down(self.c.va, size)
+        i = _index(self.c.va, level)
+        present = PTE_P | PTE_HUGE
+        nxt = next((j for j in range(i + 1, NR_ENTRIES) if entries[j] & present), NR_ENTRIES)
+        steps = min(nxt - i, -(-(end - start) // size))
+        self.c.va = start + (steps - 1) * size
+        self.move_forward()
+
     def find_next_impl(self, length: int, unmap_subtree: bool, split_huge: bool) -> int | None:
         end = self.c.va + length
         while self.c.va < end:
-            pte = self.entry()
             level = self.c.level
+            entries = self.node().entries
+            pte = entries[_index(self.c.va, level)]
             if not pte_is_present(pte):
-                self.move_forward()
+                self.skip_absent(entries, end)
                 continue
             if pte_is_last(pte) or level == 1:
                 start, stop = self.va_range()
