@@ -199,7 +199,8 @@ def run_chunk(
                 pos, count, last = 0, 0, -1
                 stop_asked_at: float | None = None
                 while proc.poll() is None:
-                    time.sleep(POLL_S)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(POLL_S)  # returns at the exit (a fixed sleep cost ~0.125 s per chunk)
                     pos, count = _count_events(trace, pos, count)
                     if progress is not None and count != last:
                         last = count

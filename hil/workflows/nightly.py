@@ -371,6 +371,7 @@ class Coordinator:
 
     def run(self) -> int:
         import dask
+        import distributed
         from distributed import Client, Event, LocalCluster
 
         opts, night = self.opts, self.night
@@ -447,7 +448,13 @@ class Coordinator:
                     break
                 done = [f for f in [*chunk_futs, *shrink_futs] if f.done()]
                 if not done:
-                    time.sleep(POLL_S)
+                    # woken by the first result (a fixed sleep left each worker idle ~0.25 s per chunk)
+                    try:
+                        distributed.wait([*chunk_futs, *shrink_futs], timeout=POLL_S, return_when="FIRST_COMPLETED")
+                    except (TimeoutError, distributed.TimeoutError):
+                        pass
+                    except Exception:  # noqa: BLE001 - e.g. a cancelled future: the loop looks at each itself
+                        time.sleep(POLL_S)
                 for fut in done:
                     if fut in shrink_futs:
                         self._shrink_done(fut, shrink_futs.pop(fut))
