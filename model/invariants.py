@@ -186,17 +186,22 @@ def metaregion_sound(
         if nodes is not None and node.paddr in nodes:
             selected = present
         else:
-            by_target = node.by_target
-            if len(only) <= len(by_target):
-                picks = [j for t in only for j in by_target.get(t, ())]
-            else:
-                picks = [j for t, js in by_target.items() if t in only for j in js]
+            picks = _entries_at(node, only)
             if not picks:
                 continue
             picks.sort()
             selected = [present[j] for j in picks]
         out += _entries_sound(state, clause, node, selected)
     return out
+
+
+def _entries_at(node: PageTableNode, targets: set[int] | frozenset[int]) -> list[int]:
+    """Positions in `node.present` of the entries pointing at a slot in `targets` (unordered),
+    by whichever of the two sets is smaller."""
+    by_target = node.by_target
+    if len(targets) <= len(by_target):
+        return [j for t in targets for j in by_target.get(t, ())]
+    return [j for t, js in by_target.items() if t in targets for j in js]
 
 
 def _entries_sound(
@@ -242,11 +247,7 @@ def _entries_sound_cached(state: State, node: PageTableNode, diffs: dict[int, se
         if d is not None:
             if last[1] != roots:
                 d = d | (last[1] ^ roots)
-            by_target = node.by_target
-            if len(d) <= len(by_target):
-                redo = [j for t in d for j in by_target.get(t, ())]
-            else:
-                redo = [j for t, js in by_target.items() if t in d for j in js]
+            redo = _entries_at(node, d)
             per, found = last[4], last[3]
     if redo:
         per = dict(per)

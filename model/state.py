@@ -20,7 +20,7 @@ from model.types import (
     PAGE_SIZE,
     PHYS_ADDR_MASK,
     PTE_HUGE,
-    PTE_P,
+    PTE_PRESENT_BITS,
     REF_COUNT_UNUSED,
     TOP_LEVEL_USER_ENTRIES,
     Usage,
@@ -205,7 +205,7 @@ class PageTableNode:
         # entries are scanned once, on the checked run's hot path
         entries = self.entries[: len(TOP_LEVEL_USER_ENTRIES)] if self.level == 4 else self.entries
         last_level = self.level == 1
-        present, huge, mask = PTE_P | PTE_HUGE, PTE_HUGE, PHYS_ADDR_MASK
+        present, huge, mask = PTE_PRESENT_BITS, PTE_HUGE, PHYS_ADDR_MASK
         return tuple(
             (k, pte, (pte & mask) // PAGE_SIZE, bool(pte & huge) or last_level)
             for k, pte in enumerate(entries)

@@ -43,8 +43,7 @@ from model.types import (
     NR_ENTRIES,
     NR_LEVELS,
     PAGE_SIZE,
-    PTE_HUGE,
-    PTE_P,
+    PTE_PRESENT_BITS,
     REF_COUNT_MAX,
     REF_COUNT_UNIQUE,
     REF_COUNT_UNUSED,
@@ -428,8 +427,7 @@ class _Cursor:
         size = page_size(level)
         start = align_down(self.c.va, size)
         i = _index(self.c.va, level)
-        present = PTE_P | PTE_HUGE
-        nxt = next((j for j in range(i + 1, NR_ENTRIES) if entries[j] & present), NR_ENTRIES)
+        nxt = next((j for j in range(i + 1, NR_ENTRIES) if entries[j] & PTE_PRESENT_BITS), NR_ENTRIES)
         steps = min(nxt - i, -(-(end - start) // size))
         self.c.va = start + (steps - 1) * size
         self.move_forward()

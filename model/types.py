@@ -238,6 +238,9 @@ PTE_G = 1 << 8
 PTE_HIGH_IGN1 = 1 << 52
 PTE_HIGH_IGN2 = 1 << 53
 PTE_NX = 1 << 63
+# what pte_is_present tests (either bit: OSTD sets PS on every leaf); the hot loops that inline
+# it (PageTableNode.present, the model's skip of absent entries) use this mask too
+PTE_PRESENT_BITS = PTE_P | PTE_HUGE
 PHYS_ADDR_MASK = 0x000F_FFFF_FFFF_F000
 PROP_MASK = ~PHYS_ADDR_MASK & ~PTE_HUGE & ((1 << 64) - 1)
 PTE_AD_MASK = PTE_A | PTE_D  # hardware-set bits the checker masks
@@ -295,7 +298,7 @@ def pte_new_page(paddr: int, prop: PageProperty) -> int:
 
 
 def pte_is_present(raw: int) -> bool:
-    return bool(raw & (PTE_P | PTE_HUGE))
+    return bool(raw & PTE_PRESENT_BITS)
 
 
 def pte_is_last(raw: int) -> bool:

@@ -22,10 +22,10 @@ def _stepwise(self: store._Cursor, entries: tuple[int, ...], end: int) -> None:
     self.move_forward()  # the loop then re-reads the next entry: the original algorithm
 
 
-def _both(state: State, op: o.Op, model: object, monkeypatch: pytest.MonkeyPatch, pool: tuple[int, int]) -> None:
+def _both(state: State, op: o.Op, model: str, pool: tuple[int, int]) -> None:
     apply = upstream.apply if model == "upstream" else store.apply
     fast = apply(state, op, store.PoolAllocator(pool[0], pool[1], state))
-    with monkeypatch.context() as patched:
+    with pytest.MonkeyPatch.context() as patched:
         patched.setattr(store._Cursor, "skip_absent", _stepwise)
         slow = apply(state, op, store.PoolAllocator(pool[0], pool[1], state))
     assert fast[0] == slow[0], op
@@ -50,18 +50,17 @@ def _searches(rng: random.Random, state: State) -> list[o.Op]:
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=2**32 - 1))
 def test_skip_absent_predicts_as_the_stepwise_loop(model: str, seed: int) -> None:
-    monkeypatch = pytest.MonkeyPatch()
     rng = random.Random(seed)
     run = Run()
     for _ in range(40):
         for op in _searches(rng, run.state):
-            _both(run.state, op, model, monkeypatch, run.pool)
+            _both(run.state, op, model, run.pool)
         run.do(random_op(rng, run.state))
         if run.last and run.last[2].status == o.Status.PANIC:
             run.state = BASE
 
 
-def test_skip_absent_across_sparse_nodes_and_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_skip_absent_across_sparse_nodes_and_levels() -> None:
     """Leaves far apart (other level-1 / level-2 nodes, empty stretches of 511 entries), a search
     that ends inside a run of absent entries and one that pops levels at a node's end."""
     run = Run()
@@ -74,9 +73,9 @@ def test_skip_absent_across_sparse_nodes_and_levels(monkeypatch: pytest.MonkeyPa
         run.ok(o.Jump(cursor=cur, va=va))
         for length in (PAGE_SIZE, 0x10_0000, 0x3FF0_0000, 2 * GiB - va):
             if va + length <= 2 * GiB:
-                _both(run.state, o.FindNext(cursor=cur, len=length), "vostd", monkeypatch, run.pool)
-                _both(run.state, o.Unmap(cursor=cur, len=length), "vostd", monkeypatch, run.pool)
-                _both(run.state, o.ProtectNext(cursor=cur, len=length), "vostd", monkeypatch, run.pool)
+                _both(run.state, o.FindNext(cursor=cur, len=length), "vostd", run.pool)
+                _both(run.state, o.Unmap(cursor=cur, len=length), "vostd", run.pool)
+                _both(run.state, o.ProtectNext(cursor=cur, len=length), "vostd", run.pool)
     # an entry with PS and no P (a corrupted guest node the model is asked about) counts as present
     view = run.state.vm_spaces[vs]
     leaf_node = next(n for n in view.nodes.values() if n.level == 1 and n.entries[1])
@@ -86,7 +85,7 @@ def test_skip_absent_across_sparse_nodes_and_levels(monkeypatch: pytest.MonkeyPa
     corrupted = dataclasses.replace(run.state, vm_spaces=views)
     jumped = Run(corrupted)
     jumped.ok(o.Jump(cursor=cur, va=0x2000))
-    _both(jumped.state, o.FindNext(cursor=cur, len=0x10_0000), "vostd", monkeypatch, run.pool)
+    _both(jumped.state, o.FindNext(cursor=cur, len=0x10_0000), "vostd", run.pool)
     assert jumped.ok(o.FindNext(cursor=cur, len=0x10_0000)).get("va") == 0x7000
     # the loop itself: the found VA of every leaf in turn, from the start
     run.ok(o.Jump(cursor=cur, va=0))
